@@ -1,0 +1,13 @@
+"""`fp4serve quantize`: not built yet; its issue fills this module in."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    raise ValueError("'fp4serve quantize' is not available in this version yet")
