@@ -1,0 +1,205 @@
+"""Turns a `ScheduledBatch` into a `ForwardBatch`, runs the model on it and samples on the device.
+
+The runner owns everything with tensors in it: the cache tensors (allocated through `model.allocate_cache` from a
+`CachePlan`), the per-request random generators, and later the static buffers of CUDA-graph decode (`enforce_eager`
+keeps the plain path; eager is the ground truth). The batch is built on the host as flat Python lists, one entry
+per scheduled request, and copied to the device once. Positions are `[3, N]` MRoPE rows: all equal to the token
+index for text, sliced from the request's precomputed rows when it carries images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fp4serve.engine.batch import ForwardBatch, ModelCache
+from fp4serve.engine.kv_cache import blocks_needed, token_slots
+from fp4serve.engine.memory import CachePlan
+from fp4serve.engine.request import Request
+from fp4serve.engine.scheduler import ScheduledBatch
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutput:
+    token_ids: dict[str, int]  # request id -> sampled token, for the entries that sample
+    logprobs: dict[str, Any]  # request id -> the sampler's logprobs entry, for requests that asked for them
+
+
+def _token_positions(request: Request, start: int, end: int) -> list[list[int]]:
+    if request.mrope_positions is None:
+        row = list(range(start, end))
+        return [row, row, row]
+    prompt_len = request.num_prompt_tokens
+    delta = request.mrope_delta
+    return [
+        [mrope_row[p] if p < prompt_len else p + delta for p in range(start, end)]
+        for mrope_row in request.mrope_positions
+    ]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        block_size: int,
+        enforce_eager: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        # TODO(issue: CUDA graphs, helper K / lead): capture decode graphs unless enforce_eager
+        self.enforce_eager = enforce_eager
+        self.cache: ModelCache | None = None
+        self.pad_slot = 0
+        self._rng = torch.Generator(device=device).manual_seed(seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def allocate_cache(self, plan: CachePlan) -> None:
+        self.cache = self.model.allocate_cache(
+            plan.num_blocks, plan.block_size, plan.num_slots, self.device, self.dtype
+        )
+        self.pad_slot = plan.num_slots - 1
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's random generator."""
+        self._generators.pop(request_id, None)
+
+    def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
+        input_ids: list[int] = []
+        positions: list[list[int]] = [[], [], []]
+        slots: list[int] = []
+        cu_seqlens = [0]
+        context_lens: list[int] = []
+        query_lens: list[int] = []
+        state_indices: list[int] = []
+        logits_indices: list[int] = []
+        tables: list[list[int]] = []
+        for entry in batch.entries:
+            request, start, n = entry.request, entry.start, entry.num_tokens
+            end = start + n
+            input_ids.extend(request.token_ids[start:end])
+            for row, pos in zip(positions, _token_positions(request, start, end), strict=True):
+                row.extend(pos)
+            slots.extend(token_slots(request.block_table, self.block_size, start, end))
+            cu_seqlens.append(cu_seqlens[-1] + n)
+            context_lens.append(start)
+            query_lens.append(n)
+            assert request.state_slot is not None
+            state_indices.append(request.state_slot)
+            tables.append(request.block_table[: blocks_needed(end, self.block_size)])
+            if entry.sample:
+                logits_indices.append(cu_seqlens[-1] - 1)
+        return self._to_device(
+            input_ids, positions, slots, cu_seqlens, context_lens, query_lens, state_indices, tables, logits_indices
+        )
+
+    def _to_device(
+        self,
+        input_ids: list[int],
+        positions: list[list[int]],
+        slots: list[int],
+        cu_seqlens: list[int],
+        context_lens: list[int],
+        query_lens: list[int],
+        state_indices: list[int],
+        tables: list[list[int]],
+        logits_indices: list[int],
+    ) -> ForwardBatch:
+        width = max(len(t) for t in tables)
+        # padding entries point at block 0; the model never reads past a sequence's seq_len
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
+
+        def dev(values: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        return ForwardBatch(
+            input_ids=dev(input_ids, torch.int64),
+            positions=dev(positions, torch.int64),
+            cu_seqlens=dev(cu_seqlens, torch.int32),
+            context_lens=dev(context_lens, torch.int32),
+            seq_lens=dev(seq_lens, torch.int32),
+            slot_mapping=dev(slots, torch.int64),
+            block_tables=dev(padded, torch.int32),
+            state_indices=dev(state_indices, torch.int64),
+            has_initial_state=dev([c > 0 for c in context_lens], torch.bool),
+            logits_indices=dev(logits_indices, torch.int64),
+            query_lens=tuple(query_lens),
+            context_lens_host=tuple(context_lens),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        assert self.cache is not None, "allocate_cache first"
+        forward_batch = self.prepare(batch)
+        hidden = self.model.forward(forward_batch, self.cache)  # [N, hidden]
+        sampling = [e.request for e in batch.entries if e.sample]
+        if not sampling:
+            return StepOutput({}, {})
+        logits = self.model.compute_logits(hidden[forward_batch.logits_indices])  # [R, V]
+        token_ids = self._sample(logits, sampling).tolist()
+        return StepOutput({r.request_id: t for r, t in zip(sampling, token_ids, strict=True)}, {})
+
+    def _generator(self, request: Request) -> torch.Generator:
+        gen = self._generators.get(request.request_id)
+        if gen is None:
+            seed = request.params.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._rng, device=self.device).item())
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            self._generators[request.request_id] = gen
+        return gen
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        # TODO(helper T's Sampler): swap in fp4serve.sampling.Sampler (top-p/k, min-p, penalties, logprobs)
+        out = logits.argmax(dim=-1)
+        for i, request in enumerate(requests):
+            temperature = request.params.temperature
+            if temperature is not None and temperature > 1e-5:
+                probs = torch.softmax(logits[i] / temperature, dim=-1)
+                out[i] = torch.multinomial(probs, 1, generator=self._generator(request))[0]
+        return out
+
+    @torch.inference_mode()
+    def profile_run(self, num_tokens: int, num_seqs: int) -> None:
+        """One forward of `num_tokens` new tokens over `num_seqs` fresh sequences plus their logits: the peak."""
+        num_seqs = max(1, min(num_seqs, num_tokens))
+        lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+        bs = self.block_size
+        cache = self.model.allocate_cache(
+            sum(blocks_needed(n, bs) for n in lens), bs, num_seqs, self.device, self.dtype
+        )
+        tables, slots, next_block = [], [], 0
+        for n in lens:
+            table = list(range(next_block, next_block + blocks_needed(n, bs)))
+            next_block += len(table)
+            tables.append(table)
+            slots.extend(token_slots(table, bs, 0, n))
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        row = [p for n in lens for p in range(n)]
+        batch = self._to_device(
+            [0] * num_tokens,
+            [row, row, row],
+            slots,
+            cu,
+            [0] * num_seqs,
+            lens,
+            list(range(num_seqs)),
+            tables,
+            [c - 1 for c in cu[1:]],
+        )
+        hidden = self.model.forward(batch, cache)
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        torch.softmax(logits, dim=-1).argmax(dim=-1)
+        del cache, hidden, logits
