@@ -1,0 +1,179 @@
+"""The gated delta rule of Gated DeltaNet: chunked form for prefill, recurrent form for decode.
+
+Per value head, with a float32 state `S` [K, V] and `alpha_t = exp(g_t)`:
+    S <- alpha_t * S;  u = beta_t * (v_t - S^T k_t);  S <- S + k_t u^T;  o_t = S^T (scale * q_t)
+Inputs are flat varlen tokens: q, k [N, HK, K] (value head j reads key head j // (HV / HK)), v [N, HV, V],
+g, beta [N, HV] (float32, g <= 0). Each sequence starts from its slot `state_indices[i]` of `state`
+[num_slots, HV, K, V] (zeros where `has_initial_state[i]` is False), and its final state is written back to that
+slot in place, so prefill, chunked prefill and decode chain exactly.
+
+`chunk_gated_delta_rule_ref` processes 64-token chunks at once. Inside a chunk, with cumulative log-decay
+`G_t = g_1 + ... + g_t` and `D[t, s] = exp(G_t - G_s)` (s <= t), the corrections solve a unit lower-triangular
+system `(I + A) U = beta * (V - exp(G) K S0)`, `A[t, s] = beta_t D[t, s] k_t.k_s` for s < t (the UT/WY trick), and
+then `O = exp(G) Q S0 + (D * Q K^T) U` and `S_end = exp(G_C) S0 + (D[C, :] * K)^T U`. It is mathematically the
+recurrence; the test checks it against the per-token loop. q, k are expected L2-normalised by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_SIZE = 64
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _expand_heads(x: torch.Tensor, num_v_heads: int) -> torch.Tensor:
+    """[..., HK, K] → [..., HV, K]: value head j uses key head j // (HV / HK)."""
+    return x.repeat_interleave(num_v_heads // x.shape[-2], dim=-2)
+
+
+def _initial_state(state: torch.Tensor, slot: int, has_initial: bool, dtype: torch.dtype) -> torch.Tensor:
+    init = state[slot].to(dtype)
+    return init if has_initial else torch.zeros_like(init)
+
+
+def gated_delta_rule_recurrent_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    state_indices: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Token-by-token loop: the plainest statement of the rule; o [N, HV, V] in v's dtype."""
+    num_v_heads = v.shape[1]
+    dtype = _compute_dtype(v, state)
+    qe = _expand_heads(q.to(dtype), num_v_heads) * scale
+    ke = _expand_heads(k.to(dtype), num_v_heads)
+    vd, gd, bd = v.to(dtype), g.to(dtype), beta.to(dtype)
+    o = torch.empty(v.shape, dtype=dtype, device=v.device)
+    bounds = cu_seqlens.tolist()
+    for i, slot in enumerate(state_indices.tolist()):
+        s = _initial_state(state, slot, bool(has_initial_state[i]), dtype)  # [HV, K, V]
+        for t in range(bounds[i], bounds[i + 1]):
+            s = s * gd[t].exp()[:, None, None]
+            u = bd[t][:, None] * (vd[t] - torch.einsum("hkv,hk->hv", s, ke[t]))
+            s = s + ke[t][:, :, None] * u[:, None, :]
+            o[t] = torch.einsum("hkv,hk->hv", s, qe[t])
+        state[slot] = s.to(state.dtype)
+    return o.to(v.dtype)
+
+
+def _chunk_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, s0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk for all heads: q, k [H, C, K], v [H, C, V], g, beta [H, C], s0 [H, K, V] → (o [H, C, V], s_end)."""
+    c = g.shape[1]
+    cum = g.cumsum(dim=1)  # [H, C]
+    causal = torch.ones(c, c, dtype=torch.bool, device=g.device).tril()
+    diff = (cum[:, :, None] - cum[:, None, :]).masked_fill(~causal, float("-inf"))
+    decay = diff.exp()  # [H, C, C], zero above the diagonal
+    a = (beta[:, :, None] * decay * (k @ k.transpose(1, 2))).tril(-1)
+    eye = torch.eye(c, dtype=g.dtype, device=g.device)
+    lower = eye + a
+    rhs = torch.cat((beta[:, :, None] * v, (beta * cum.exp())[:, :, None] * k), dim=2)
+    solved = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
+    u_free, w = solved[:, :, : v.shape[2]], solved[:, :, v.shape[2] :]
+    u = u_free - w @ s0  # [H, C, V]
+    o = (cum.exp()[:, :, None] * q) @ s0 + (decay * (q @ k.transpose(1, 2))) @ u
+    to_end = (cum[:, -1:] - cum).exp()  # [H, C]
+    s_end = cum[:, -1].exp()[:, None, None] * s0 + (to_end[:, :, None] * k).transpose(1, 2) @ u
+    return o, s_end
+
+
+def chunk_gated_delta_rule_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    state_indices: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    scale: float,
+    chunk_size: int = CHUNK_SIZE,
+) -> torch.Tensor:
+    """Chunked (UT/WY) form over varlen sequences; same contract as `gated_delta_rule_recurrent_ref`."""
+    num_v_heads = v.shape[1]
+    dtype = _compute_dtype(v, state)
+    qe = (_expand_heads(q.to(dtype), num_v_heads) * scale).transpose(0, 1)  # [HV, N, K]
+    ke = _expand_heads(k.to(dtype), num_v_heads).transpose(0, 1)
+    vd, gd, bd = v.to(dtype).transpose(0, 1), g.to(dtype).t(), beta.to(dtype).t()
+    o = torch.empty(vd.shape, dtype=dtype, device=v.device)  # [HV, N, V]
+    bounds = cu_seqlens.tolist()
+    for i, slot in enumerate(state_indices.tolist()):
+        s = _initial_state(state, slot, bool(has_initial_state[i]), dtype)
+        for start in range(bounds[i], bounds[i + 1], chunk_size):
+            end = min(start + chunk_size, bounds[i + 1])
+            span = slice(start, end)
+            o[:, span], s = _chunk_step(qe[:, span], ke[:, span], vd[:, span], gd[:, span], bd[:, span], s)
+        state[slot] = s.to(state.dtype)
+    return o.transpose(0, 1).to(v.dtype)
+
+
+def gated_delta_rule_step_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    state_indices: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode: one token per sequence, batched. q, k [B, HK, K], v [B, HV, V], g, beta [B, HV] → o [B, HV, V]."""
+    num_v_heads = v.shape[1]
+    dtype = _compute_dtype(v, state)
+    qe = _expand_heads(q.to(dtype), num_v_heads) * scale
+    ke = _expand_heads(k.to(dtype), num_v_heads)
+    s = state[state_indices].to(dtype)  # [B, HV, K, V]
+    s = torch.where(has_initial_state[:, None, None, None], s, torch.zeros_like(s))
+    s = s * g.to(dtype).exp()[:, :, None, None]
+    u = beta.to(dtype)[:, :, None] * (v.to(dtype) - torch.einsum("bhkv,bhk->bhv", s, ke))
+    s = s + ke[:, :, :, None] * u[:, :, None, :]
+    o = torch.einsum("bhkv,bhk->bhv", s, qe)
+    state[state_indices] = s.to(state.dtype)
+    return o.to(v.dtype)
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    state_indices: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Prefill (any query lengths): public entry point, the chunked reference for now."""
+    return chunk_gated_delta_rule_ref(q, k, v, g, beta, state, cu_seqlens, state_indices, has_initial_state, scale)
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    state_indices: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode (one token per sequence): public entry point, the batched step reference for now."""
+    return gated_delta_rule_step_ref(q, k, v, g, beta, state, state_indices, has_initial_state, scale)

@@ -1,0 +1,44 @@
+"""RMSNorms of Qwen3.5: the zero-centred `(1 + w)` form and the gated form of the DeltaNet output.
+
+Two different norms live here on purpose (an easy-to-miss detail of the architecture): every decoder norm, the final
+norm and the attention q/k norms scale by `1 + w` (weights stored around zero), while the DeltaNet output norm scales
+by plain `w` and multiplies by `silu(z)`. Statistics are computed in float32 and the result is cast back to the
+input dtype. The public functions call the references until a fused kernel exists.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`x * rsqrt(mean(x^2) + eps) * (1 + w)` over the last dim, computed in float32."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (normed * (1.0 + weight.float())).to(x.dtype)
+
+
+def gated_rms_norm_ref(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`w * norm(x) * silu(z)` over the last dim (plain weight, not `1 + w`); x, z: [..., D], weight: [D]."""
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+    return (weight * normed * F.silu(z.float())).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return rms_norm_ref(x, weight, eps)
+
+
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return gated_rms_norm_ref(x, z, weight, eps)
+
+
+def l2_norm_ref(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """`x * rsqrt(sum(x^2) + eps)` over the last dim, in float32 (float64 stays float64)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return xf * torch.rsqrt(xf.pow(2).sum(dim=-1, keepdim=True) + eps)
+
+
+def l2_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return l2_norm_ref(x, eps)
