@@ -9,6 +9,7 @@ index, `has_initial_state` flag or position shows up as an AssertionError instea
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,8 @@ class FakeModel:
     def __init__(self, config: FakeConfig | None = None) -> None:
         self.config = config or FakeConfig()
         self.num_forward_tokens = 0
+        # a pause per forward, to let tests act while requests are still running
+        self.step_delay_s = 0.0
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         return 2 * 4
@@ -61,6 +64,7 @@ class FakeModel:
         return ModelCache(kv=[None, kv], conv=[conv, None], ssm=[ssm, None], block_size=block_size)
 
     def forward(self, batch: ForwardBatch, cache: ModelCache) -> torch.Tensor:
+        time.sleep(self.step_delay_s)
         kv, conv, ssm = cache.kv[1].view(2, -1), cache.conv[0], cache.ssm[0]
         bs = cache.block_size
         ids = batch.input_ids.tolist()
