@@ -124,8 +124,9 @@ def _literal_or(text: str, fallback: Any) -> Any:
 
 
 def _strict_json_or(value: Any, raw: str) -> Any:
+    """`value` as plain JSON data (tuples become lists, keys strings), or `raw` if it is not strict JSON."""
     try:
-        json.dumps(value, ensure_ascii=False, allow_nan=False)
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
     except PARSE_ERRORS:
         return raw
-    return value
+    return json.loads(text) if isinstance(value, (list, tuple, dict)) else value
