@@ -214,6 +214,21 @@ def test_masks_per_row_in_one_batch_and_top_k_ties() -> None:
     assert _support(Sampler(), tied, SamplingParams(temperature=1.0, top_k=2)) == {0, 1, 2}
 
 
+def test_top_p_on_the_top_k_head_equals_the_full_sort() -> None:
+    from fp4serve.sampling.sampler import _apply_top_k_top_p
+
+    torch.manual_seed(4)
+    x = (torch.randn(5, 400) * 2).bfloat16().float()  # bf16 values make ties at the k-th logit common
+    top_k, top_p = [20, 5, 50, 1, 399], [0.95, 0.5, 0.99, 0.9, 0.3]
+    fast = _apply_top_k_top_p(x, top_k, top_p)  # every row has top-k: only the kept head is sorted
+    full = _apply_top_k_top_p(torch.cat([x, x[:1]]), [*top_k, 0], [*top_p, 0.9])[:5]  # a row without top-k
+    assert torch.equal(fast, full)
+    for row, k in enumerate(top_k):
+        kth = x[row].topk(k).values[-1]
+        kept = fast[row] > float("-inf")
+        assert kept.any() and (x[row][kept] >= kth).all()
+
+
 def test_constraints() -> None:
     logits = _logits_from_probs(PROBS + [0.0001, 0.0001])  # ids 6, 7 (= EOS) are unlikely
     sampler = Sampler(eos_token_ids=[EOS])

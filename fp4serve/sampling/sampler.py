@@ -199,7 +199,12 @@ def _apply_top_k_top_p(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[fl
         x = x.masked_fill(x < threshold, float("-inf"))
     if not any(p < 1.0 for p in top_p):
         return x
-    sorted_x, order = x.sort(dim=-1, descending=True)
+    if all(k < vocab for k in ks):
+        # every row kept only its top-k (plus ties): sorting the kept head suffices, not the whole vocabulary
+        head = int((x > float("-inf")).sum(dim=-1).max())
+        sorted_x, order = x.topk(head, dim=-1)
+    else:
+        sorted_x, order = x.sort(dim=-1, descending=True)
     probs = torch.softmax(sorted_x, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     # rows without top-p get a threshold no cumulative sum reaches, even with rounding
@@ -207,7 +212,7 @@ def _apply_top_k_top_p(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[fl
     drop = mass_before >= p
     drop[:, 0] = False
     sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-    return torch.empty_like(x).scatter_(1, order, sorted_x)
+    return torch.full_like(x, float("-inf")).scatter_(1, order, sorted_x)
 
 
 def _exponential_race(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
