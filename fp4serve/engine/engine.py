@@ -9,6 +9,7 @@ background thread for the server, and `LLM` drives it in a loop for offline use.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from fp4serve.engine.memory import MemorySnapshot, gpu_cache_budget, plan_cache
 from fp4serve.engine.request import Request, RequestStatus
 from fp4serve.engine.runner import ModelRunner
 from fp4serve.engine.scheduler import Scheduler
+from fp4serve.sampling.stopping import StopStringMatcher
+from fp4serve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
     from fp4serve.sampling import SamplingParams
@@ -38,6 +41,9 @@ class RequestOutputDelta:
     num_prompt_tokens: int
     num_output_tokens: int
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    # text of the new tokens (None for an engine without a tokenizer); a tail that could still turn out to start
+    # a stop string is held back until that is decided, and the text ends where a stop string begins
+    text: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -62,12 +68,15 @@ class Engine:
         model: Any,
         config: EngineConfig,
         *,
-        eos_token_ids: tuple[int, ...] | frozenset[int] = (),
+        eos_token_ids: tuple[int, ...] = (),
+        tokenizer: Tokenizer | None = None,
         max_position_embeddings: int | None = None,
         memory_baseline: MemorySnapshot | None = None,
     ) -> None:
         self.config = config
         self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tuple(eos_token_ids)
         self.device = torch.device(config.resolved_device())
         self.dtype = getattr(torch, config.resolved_dtype_name(self.device.type))
         model_config = getattr(model, "config", None)
@@ -81,6 +90,8 @@ class Engine:
             block_size=config.block_size,
             enforce_eager=config.enforce_eager,
             seed=config.seed,
+            eos_token_ids=self.eos_token_ids,
+            vocab_size=tokenizer.vocab_size if tokenizer is not None else None,
         )
         plan = plan_cache(
             budget_bytes=self._cache_budget(memory_baseline),
@@ -107,21 +118,31 @@ class Engine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=plan.max_model_len,
-            eos_token_ids=eos_token_ids,
+            eos_token_ids=self.eos_token_ids,
         )
         self._arrivals = 0
         self._pending: list[RequestOutputDelta] = []
+        self._text: dict[str, _TextState] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig) -> Engine:
-        """Load the model at `path` (BF16 or NVFP4) onto the configured device and size the caches around it."""
+        """Load the model at `path` (BF16 or NVFP4) and its tokenizer, and size the caches around the model."""
         from fp4serve.model.loader import load_model
 
+        path = Path(path)
+        tokenizer = Tokenizer.from_dir(path)
         device = torch.device(config.resolved_device())
         baseline = MemorySnapshot.take(device) if device.type == "cuda" else None
         dtype = getattr(torch, config.resolved_dtype_name(device.type))
-        model = load_model(path, device=str(device), dtype=dtype, linear_mode=config.linear_mode)
-        return cls(model, config, eos_token_ids=_eos_token_ids(model), memory_baseline=baseline)
+        model = load_model(path, device=device, dtype=dtype, linear_mode=config.linear_mode)
+        return cls(
+            model,
+            config,
+            eos_token_ids=tokenizer.eos_token_ids,
+            tokenizer=tokenizer,
+            max_position_embeddings=read_max_position_embeddings(path),
+            memory_baseline=baseline,
+        )
 
     def _cache_budget(self, baseline: MemorySnapshot | None) -> int:
         if self.config.kv_cache_memory_bytes is not None:
@@ -157,18 +178,23 @@ class Engine:
         if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in prompt):
             bad = next(t for t in prompt if not 0 <= t < self.vocab_size)
             raise ValueError(f"token id {bad} is out of vocabulary (size {self.vocab_size})")
-        params.validate()
+        params.validate(vocab_size=self.vocab_size)
         request = Request(request_id, prompt, params, arrival_index=self._arrivals, mm_inputs=mm_inputs)
         self._arrivals += 1
         self.scheduler.add_request(request)
+        if self.tokenizer is not None:
+            self._text[request_id] = _TextState(
+                IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
+                StopStringMatcher.from_params(params),
+            )
 
     def abort(self, request_id: str) -> bool:
         """Abort a waiting or running request; its final delta (finish_reason "abort") comes with the next step."""
         request = self.scheduler.abort(request_id)
         if request is None:
             return False
-        self.runner.release(request_id)
-        self._pending.append(self._delta(request, []))
+        self._forget(request_id)
+        self._pending.append(self._delta(request, [], text="" if self.tokenizer is not None else None))
         return True
 
     def has_unfinished(self) -> bool:
@@ -181,13 +207,46 @@ class Engine:
             return deltas
         output = self.runner.execute(batch)
         for request in self.scheduler.update(batch, output.token_ids):
+            text = self._detokenize(request)
             logprobs = output.logprobs.get(request.request_id)
-            deltas.append(self._delta(request, [request.token_ids[-1]], None if logprobs is None else [logprobs]))
+            logprobs_list = None if logprobs is None else [logprobs]
+            deltas.append(self._delta(request, [request.token_ids[-1]], logprobs_list, text))
             if request.is_finished:
-                self.runner.release(request.request_id)
+                self._forget(request.request_id)
         return deltas
 
-    def _delta(self, request: Request, new_ids: list[int], logprobs: list[Any] | None = None) -> RequestOutputDelta:
+    def _detokenize(self, request: Request) -> str | None:
+        """Text of the request's newest token through its stop-string matcher; a matched stop string ends it."""
+        state = self._text.get(request.request_id)
+        if state is None:
+            return None
+        params = request.params
+        stopped_by_token = request.status == RequestStatus.FINISHED_STOPPED
+        # like vLLM, the text of an eos / stop token is left out unless stop strings are to be included
+        text = (
+            ""
+            if stopped_by_token and not params.include_stop_str_in_output
+            else state.detok.feed(request.token_ids[-1:])
+        )
+        if request.is_finished:
+            text += state.detok.flush()
+        out = state.matcher.feed(text, request.num_output_tokens)
+        if state.matcher.stopped:
+            if not request.is_finished:
+                self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+            request.status = RequestStatus.FINISHED_STOPPED
+            request.stop_reason = state.matcher.stop_str
+        elif request.is_finished:
+            out += state.matcher.flush()
+        return out
+
+    def _forget(self, request_id: str) -> None:
+        self.runner.release(request_id)
+        self._text.pop(request_id, None)
+
+    def _delta(
+        self, request: Request, new_ids: list[int], logprobs: list[Any] | None = None, text: str | None = None
+    ) -> RequestOutputDelta:
         return RequestOutputDelta(
             request.request_id,
             new_ids,
@@ -196,6 +255,7 @@ class Engine:
             request.num_prompt_tokens,
             request.num_output_tokens,
             request.stop_reason if request.status == RequestStatus.FINISHED_STOPPED else None,
+            text,
         )
 
     def stats(self) -> EngineStats:
@@ -212,8 +272,20 @@ class Engine:
         )
 
 
-def _eos_token_ids(model: Any) -> tuple[int, ...]:
-    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+@dataclass(slots=True)
+class _TextState:
+    detok: IncrementalDetokenizer
+    matcher: StopStringMatcher
+
+
+def read_max_position_embeddings(path: str | Path) -> int:
+    """The context length in the checkpoint's config.json (text_config's for multimodal checkpoints)."""
+    config_file = Path(path) / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {config_file}: {exc}") from exc
+    value = (config.get("text_config") or {}).get("max_position_embeddings", config.get("max_position_embeddings"))
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{config_file} has no usable max_position_embeddings (got {value!r})")
+    return value

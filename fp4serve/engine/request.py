@@ -13,6 +13,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fp4serve.sampling.stopping import check_stop_token
+
 if TYPE_CHECKING:
     from fp4serve.sampling import SamplingParams
 
@@ -43,11 +45,9 @@ class Request:
     state_slot: int | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
-    # opaque multimodal inputs (images) the runner encodes, and MRoPE positions of the prompt: 3 rows (T, H, W) of
-    # len(prompt) each; generated tokens continue at index + mrope_delta (text-only requests leave both unset)
+    # multimodal prompt (fp4serve.model.multimodal.MultimodalPrompt): media to encode and the MRoPE positions of
+    # every token, through `positions_for(start, end)`; None for text, whose positions are the token indices
     mm_inputs: Any = None
-    mrope_positions: list[list[int]] | None = None
-    mrope_delta: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -81,23 +81,17 @@ class Request:
         self.token_ids.append(token_id)
 
 
-def check_stop(request: Request, eos_token_ids: frozenset[int], max_model_len: int) -> RequestStatus | None:
+def check_stop(request: Request, eos_token_ids: tuple[int, ...], max_model_len: int) -> RequestStatus | None:
     """The finish status after the request's newest token, or None to keep going (sets `request.stop_reason`).
 
-    Order as in vLLM: eos and stop token ids count only once `min_tokens` are generated (eos not at all with
-    `ignore_eos`); the length limits (`max_tokens`, the model length) end the request either way. Stop strings
-    need text, so the engine checks them after detokenizing.
+    A full context ends the request first ("length"); then the sampling module's token rules (max_tokens, eos
+    unless `ignore_eos`, stop token ids, all gated by `min_tokens`). Stop strings need text, so the engine checks
+    them after detokenizing.
     """
-    params = request.params
-    num_out = request.num_output_tokens
-    last = request.token_ids[-1]
-    if num_out >= (params.min_tokens or 0):
-        if last in eos_token_ids and not params.ignore_eos:
-            request.stop_reason = None
-            return RequestStatus.FINISHED_STOPPED
-        if last in (params.stop_token_ids or ()):
-            request.stop_reason = last
-            return RequestStatus.FINISHED_STOPPED
-    if (params.max_tokens is not None and num_out >= params.max_tokens) or request.num_tokens >= max_model_len:
+    if request.num_tokens >= max_model_len:
         return RequestStatus.FINISHED_LENGTH
-    return None
+    result = check_stop_token(request.params, request.token_ids[-1], request.num_output_tokens, eos_token_ids)
+    if result is None:
+        return None
+    reason, request.stop_reason = result
+    return RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH

@@ -9,6 +9,7 @@ index for text, sliced from the request's precomputed rows when it carries image
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from fp4serve.engine.kv_cache import blocks_needed, token_slots
 from fp4serve.engine.memory import CachePlan
 from fp4serve.engine.request import Request
 from fp4serve.engine.scheduler import ScheduledBatch
+from fp4serve.sampling import Sampler, SamplerOutput, SamplingParams, make_generator
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,15 +30,37 @@ class StepOutput:
 
 
 def _token_positions(request: Request, start: int, end: int) -> list[list[int]]:
-    if request.mrope_positions is None:
+    if request.mm_inputs is None:
         row = list(range(start, end))
         return [row, row, row]
-    prompt_len = request.num_prompt_tokens
-    delta = request.mrope_delta
-    return [
-        [mrope_row[p] if p < prompt_len else p + delta for p in range(start, end)]
-        for mrope_row in request.mrope_positions
-    ]
+    # TODO(multimodal wiring, lead/helper V): also encode the media and pass mm_embeds / mm_token_rows
+    return request.mm_inputs.positions_for(start, end).tolist()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """Logprob of one sampled token plus the most likely alternatives (as many as the request asked for)."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = the most likely token
+    top_token_ids: list[int]  # most likely first
+    top_logprobs: list[float]
+
+
+def _logprobs(requests: list[Request], out: SamplerOutput) -> dict[str, TokenLogprobs]:
+    if out.logprobs is None:
+        return {}
+    rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    token_ids, logprobs, ranks = out.token_ids.tolist(), out.logprobs.tolist(), out.ranks.tolist()
+    top_ids, top_lps = out.top_token_ids.tolist(), out.top_logprobs.tolist()
+    result = {}
+    for i in rows:
+        k = requests[i].params.logprobs
+        result[requests[i].request_id] = TokenLogprobs(
+            token_ids[i], logprobs[i], ranks[i], top_ids[i][:k], top_lps[i][:k]
+        )
+    return result
 
 
 class ModelRunner:
@@ -49,6 +73,8 @@ class ModelRunner:
         block_size: int,
         enforce_eager: bool = True,
         seed: int = 0,
+        eos_token_ids: tuple[int, ...] = (),
+        vocab_size: int | None = None,
     ) -> None:
         self.model = model
         self.device = device
@@ -58,7 +84,9 @@ class ModelRunner:
         self.enforce_eager = enforce_eager
         self.cache: ModelCache | None = None
         self.pad_slot = 0
-        self._rng = torch.Generator(device=device).manual_seed(seed)
+        self.sampler = Sampler(eos_token_ids, vocab_size=vocab_size)
+        # unseeded requests get a seed from this, so a whole run is reproducible from EngineConfig.seed
+        self._seeds = random.Random(seed)
         self._generators: dict[str, torch.Generator] = {}
 
     def allocate_cache(self, plan: CachePlan) -> None:
@@ -142,32 +170,27 @@ class ModelRunner:
         assert self.cache is not None, "allocate_cache first"
         forward_batch = self.prepare(batch)
         hidden = self.model.forward(forward_batch, self.cache)  # [N, hidden]
-        sampling = [e.request for e in batch.entries if e.sample]
-        if not sampling:
+        requests = [e.request for e in batch.entries if e.sample]
+        if not requests:
             return StepOutput({}, {})
         logits = self.model.compute_logits(hidden[forward_batch.logits_indices])  # [R, V]
-        token_ids = self._sample(logits, sampling).tolist()
-        return StepOutput({r.request_id: t for r, t in zip(sampling, token_ids, strict=True)}, {})
+        out = self.sampler.sample(
+            logits,
+            [r.params for r in requests],
+            [r.prompt_token_ids for r in requests],
+            [r.output_token_ids for r in requests],
+            [None if r.params.is_greedy else self._generator(r) for r in requests],
+        )
+        token_ids = out.token_ids.tolist()
+        return StepOutput({r.request_id: t for r, t in zip(requests, token_ids, strict=True)}, _logprobs(requests, out))
 
     def _generator(self, request: Request) -> torch.Generator:
         gen = self._generators.get(request.request_id)
         if gen is None:
             seed = request.params.seed
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,), generator=self._rng, device=self.device).item())
-            gen = torch.Generator(device=self.device).manual_seed(seed)
+            gen = make_generator(self._seeds.getrandbits(63) if seed is None else seed, self.device)
             self._generators[request.request_id] = gen
         return gen
-
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        # TODO(helper T's Sampler): swap in fp4serve.sampling.Sampler (top-p/k, min-p, penalties, logprobs)
-        out = logits.argmax(dim=-1)
-        for i, request in enumerate(requests):
-            temperature = request.params.temperature
-            if temperature is not None and temperature > 1e-5:
-                probs = torch.softmax(logits[i] / temperature, dim=-1)
-                out[i] = torch.multinomial(probs, 1, generator=self._generator(request))[0]
-        return out
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int) -> None:
@@ -201,5 +224,7 @@ class ModelRunner:
         )
         hidden = self.model.forward(batch, cache)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
-        torch.softmax(logits, dim=-1).argmax(dim=-1)
+        # the sampler's worst case: every row random with top-k and top-p (a full sort of the vocabulary)
+        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=20)] * num_seqs
+        self.sampler.sample(logits, params, [[0]] * num_seqs, [[]] * num_seqs)
         del cache, hidden, logits

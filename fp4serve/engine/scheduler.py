@@ -64,7 +64,8 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.eos_token_ids = frozenset(eos_token_ids)
+        # order matters: the first is the tokenizer's eos (stop_reason None), the rest report their id
+        self.eos_token_ids = tuple(dict.fromkeys(eos_token_ids))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}

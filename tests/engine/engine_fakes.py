@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from fp4serve.engine.batch import ForwardBatch, ModelCache
+from fp4serve.sampling import SamplingParams
 
 HASH_MOD = 1_000_003  # < 2**24, so the running hash is exact in float32
 
@@ -64,7 +66,8 @@ class FakeModel:
         return ModelCache(kv=[None, kv], conv=[conv, None], ssm=[ssm, None], block_size=block_size)
 
     def forward(self, batch: ForwardBatch, cache: ModelCache) -> torch.Tensor:
-        time.sleep(self.step_delay_s)
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
         kv, conv, ssm = cache.kv[1].view(2, -1), cache.conv[0], cache.ssm[0]
         bs = cache.block_size
         ids = batch.input_ids.tolist()
@@ -101,18 +104,8 @@ class FakeModel:
         return logits
 
 
-@dataclass(frozen=True)
-class FakeSamplingParams:
-    """The fields of fp4serve.sampling.SamplingParams the engine reads (stand-in until that module lands)."""
-
-    temperature: float = 0.0
-    seed: int | None = None
-    max_tokens: int | None = 16
-    min_tokens: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None
-
-    def validate(self) -> None:
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+def greedy(**kwargs: Any) -> SamplingParams:
+    """Greedy sampling params with a small default max_tokens."""
+    kwargs.setdefault("temperature", 0.0)
+    kwargs.setdefault("max_tokens", 16)
+    return SamplingParams(**kwargs)

@@ -6,10 +6,11 @@ import asyncio
 import time
 
 import pytest
-from engine_fakes import FakeSamplingParams, next_token
+from engine_fakes import greedy, next_token
 from test_engine_fake import fake_engine
 
 from fp4serve.engine.async_engine import AsyncEngine, EngineDeadError
+from fp4serve.sampling import SamplingParams
 
 
 def expected_tokens(prompt: list[int], n: int) -> list[int]:
@@ -19,7 +20,7 @@ def expected_tokens(prompt: list[int], n: int) -> list[int]:
     return history[len(prompt) :]
 
 
-async def collect(engine: AsyncEngine, rid: str, prompt: list[int], params: FakeSamplingParams) -> tuple[list, str]:
+async def collect(engine: AsyncEngine, rid: str, prompt: list[int], params: SamplingParams) -> tuple[list, str]:
     tokens, reason = [], None
     async for delta in engine.generate(rid, prompt, params):
         tokens.extend(delta.new_token_ids)
@@ -40,7 +41,7 @@ def test_concurrent_streams_match_the_reference():
     engine = AsyncEngine(fake_engine(num_blocks=40, budget=16))
     try:
         prompts = [[1 + i] * (3 + 5 * i) for i in range(6)]
-        params = FakeSamplingParams(max_tokens=12, ignore_eos=True)
+        params = greedy(max_tokens=12, ignore_eos=True)
 
         async def main():
             return await asyncio.gather(*(collect(engine, f"r{i}", p, params) for i, p in enumerate(prompts)))
@@ -56,7 +57,7 @@ def test_leaving_or_cancelling_a_stream_aborts_and_frees_the_cache():
     inner = fake_engine(num_blocks=40, budget=16)
     inner.model.step_delay_s = 0.005
     engine = AsyncEngine(inner)
-    endless = FakeSamplingParams(max_tokens=None, ignore_eos=True)
+    endless = greedy(max_tokens=None, ignore_eos=True)
     try:
 
         async def main():
@@ -93,8 +94,8 @@ def test_bad_request_raises_and_the_engine_keeps_serving():
 
         async def main():
             with pytest.raises(ValueError, match="empty"):
-                await collect(engine, "bad", [], FakeSamplingParams())
-            return await collect(engine, "good", [7, 8], FakeSamplingParams(max_tokens=3, ignore_eos=True))
+                await collect(engine, "bad", [], greedy())
+            return await collect(engine, "good", [7, 8], greedy(max_tokens=3, ignore_eos=True))
 
         assert asyncio.run(main()) == (expected_tokens([7, 8], 3), "length")
     finally:
@@ -105,13 +106,13 @@ def test_shutdown_ends_open_streams():
     engine = AsyncEngine(fake_engine(num_blocks=40, budget=16))
 
     async def main():
-        task = asyncio.create_task(collect(engine, "r", [1], FakeSamplingParams(max_tokens=None, ignore_eos=True)))
+        task = asyncio.create_task(collect(engine, "r", [1], greedy(max_tokens=None, ignore_eos=True)))
         await asyncio.sleep(0.05)
         await asyncio.to_thread(engine.shutdown)
         with pytest.raises(EngineDeadError):
             await task
         with pytest.raises(EngineDeadError):
-            await collect(engine, "late", [1], FakeSamplingParams())
+            await collect(engine, "late", [1], greedy())
 
     asyncio.run(main())
     assert not engine.is_running

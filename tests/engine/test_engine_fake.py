@@ -6,10 +6,11 @@ import random
 
 import pytest
 import torch
-from engine_fakes import FakeConfig, FakeModel, FakeSamplingParams, next_token
+from engine_fakes import FakeConfig, FakeModel, greedy, next_token
 
 from fp4serve.config import EngineConfig
 from fp4serve.engine.engine import Engine, RequestOutputDelta
+from fp4serve.sampling import SamplingParams
 
 
 def fake_engine(
@@ -36,7 +37,7 @@ def fake_engine(
     return Engine(model, config, eos_token_ids=(0,))
 
 
-def reference(prompt: list[int], params: FakeSamplingParams, vocab_size: int, max_model_len: int) -> list[int]:
+def reference(prompt: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> list[int]:
     """What one request alone must produce: greedy tokens until eos, max_tokens or the model length."""
     history, out = list(prompt), []
     while True:
@@ -67,7 +68,7 @@ def test_staggered_chunked_preempted_requests_match_running_alone():
     specs = []
     for k in range(16):
         prompt = [rng.randrange(1, 64) for _ in range(rng.choice([1, 3, 9, 17, 33, 50]))]
-        specs.append((f"r{k}", prompt, FakeSamplingParams(max_tokens=rng.randint(1, 30), ignore_eos=k % 3 == 0)))
+        specs.append((f"r{k}", prompt, greedy(max_tokens=rng.randint(1, 30), ignore_eos=k % 3 == 0)))
     got = Collector()
     step = 0
     while step < 2 * len(specs) or engine.has_unfinished():
@@ -92,7 +93,7 @@ def test_staggered_chunked_preempted_requests_match_running_alone():
 def test_thousand_random_requests_with_aborts_lose_nothing_and_free_everything():
     engine = fake_engine(num_blocks=48, max_num_seqs=12, budget=24, max_model_len=64)
     rng = random.Random(0)
-    specs: dict[str, tuple[list[int], FakeSamplingParams]] = {}
+    specs: dict[str, tuple[list[int], greedy]] = {}
     got = Collector()
     aborted: set[str] = set()
     live: list[str] = []
@@ -101,7 +102,7 @@ def test_thousand_random_requests_with_aborts_lose_nothing_and_free_everything()
         for _ in range(rng.choice([0, 0, 1, 1, 2, 4]) if submitted < 1000 else 0):
             rid = f"q{submitted}"
             prompt = [rng.randrange(64) for _ in range(rng.randint(1, 40))]
-            params = FakeSamplingParams(max_tokens=rng.randint(1, 24), ignore_eos=rng.random() < 0.3)
+            params = greedy(max_tokens=rng.randint(1, 24), ignore_eos=rng.random() < 0.3)
             specs[rid] = (prompt, params)
             engine.add_request(rid, prompt, params)
             live.append(rid)
@@ -132,23 +133,23 @@ def test_thousand_random_requests_with_aborts_lose_nothing_and_free_everything()
 
 def test_add_request_rejects_bad_input():
     engine = fake_engine(num_blocks=40)
-    engine.add_request("a", [1, 2], FakeSamplingParams())
+    engine.add_request("a", [1, 2], greedy())
     with pytest.raises(ValueError, match="already in use"):
-        engine.add_request("a", [1], FakeSamplingParams())
+        engine.add_request("a", [1], greedy())
     with pytest.raises(ValueError, match="empty"):
-        engine.add_request("b", [], FakeSamplingParams())
+        engine.add_request("b", [], greedy())
     with pytest.raises(ValueError, match="maximum context length is 128"):
-        engine.add_request("b", [1] * 129, FakeSamplingParams())
+        engine.add_request("b", [1] * 129, greedy())
     with pytest.raises(ValueError, match="out of vocabulary"):
-        engine.add_request("b", [1, 64], FakeSamplingParams())
-    with pytest.raises(ValueError, match="max_tokens"):
-        engine.add_request("b", [1], FakeSamplingParams(max_tokens=0))
+        engine.add_request("b", [1, 64], greedy())
+    with pytest.raises(ValueError, match="out-of-vocab"):
+        engine.add_request("b", [1], greedy(logit_bias={99: 1.0}))
 
 
 def test_prompt_of_max_model_len_gives_one_token_and_abort_reports_once():
     engine = fake_engine(num_blocks=40)
-    engine.add_request("full", [1] * 128, FakeSamplingParams(max_tokens=None, ignore_eos=True))
-    engine.add_request("gone", [1, 2, 3], FakeSamplingParams())
+    engine.add_request("full", [1] * 128, greedy(max_tokens=None, ignore_eos=True))
+    engine.add_request("gone", [1, 2, 3], greedy())
     assert engine.abort("gone") and not engine.abort("gone")
     got = Collector()
     while engine.has_unfinished():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from engine_fakes import FakeSamplingParams
+from engine_fakes import greedy
 
 from fp4serve.engine.kv_cache import BlockManager, StateSlots, token_slots
 from fp4serve.engine.request import Request, RequestStatus, check_stop
@@ -24,7 +24,7 @@ def make_scheduler(
 
 
 def req(rid: str, n: int, **params: object) -> Request:
-    return Request(rid, list(range(1, n + 1)), FakeSamplingParams(**params))  # type: ignore[arg-type]
+    return Request(rid, list(range(1, n + 1)), greedy(**params))  # type: ignore[arg-type]
 
 
 def plan(batch: ScheduledBatch) -> list[tuple[str, int, int, bool]]:
@@ -147,5 +147,5 @@ def test_blocks_and_slot_mapping():
 def test_stop_rules(params, outputs, expected, stop_reason):
     r = req("a", 3, **params)
     r.token_ids.extend(outputs)
-    assert check_stop(r, frozenset({0}), max_model_len=8) == expected
+    assert check_stop(r, (0,), max_model_len=8) == expected
     assert r.stop_reason == stop_reason
