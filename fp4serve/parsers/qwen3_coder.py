@@ -199,6 +199,8 @@ class ToolCallStream:
             if not final and not any(ch in buf[len(PARAM_PREFIX) :] for ch in "<>\n"):
                 return False
             nxt = CALL_TAGS.search(buf, 1)
+            if nxt is None and not final:
+                return False
             self._buf = "" if nxt is None else buf[nxt.start() :]
             return True
         call = self._call
