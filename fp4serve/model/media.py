@@ -377,3 +377,14 @@ def _decode_video_file(data: bytes) -> VideoClip:
     if not frames:
         raise ValueError("video file has no frames")
     return VideoClip(np.stack(frames), rate)
+
+
+def image_item(source: str | bytes | PIL.Image.Image | np.ndarray, cfg: MediaConfig) -> MediaItem:
+    """Load + preprocess one image from any accepted source."""
+    return preprocess_image(load_image(source, cfg), cfg)
+
+
+def video_item(source: str | list | np.ndarray, cfg: MediaConfig, fps: float | None = None) -> MediaItem:
+    """Load + preprocess one video (frames list, frame array, or a file when PyAV is installed)."""
+    clip = load_video(source, cfg, fps)
+    return preprocess_video(clip.frames, cfg, clip.fps)

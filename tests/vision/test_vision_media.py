@@ -14,11 +14,13 @@ import torch.nn.functional as F
 
 from fp4serve.model.media import (
     MediaConfig,
+    image_item,
     load_image,
     load_video,
     preprocess_image,
     preprocess_video,
     smart_resize,
+    video_item,
 )
 
 BIG = 16777216
@@ -155,6 +157,8 @@ def test_data_url_images_decode(fmt):
     assert loaded.size == (50, 40)
     if fmt == "PNG":
         assert np.array_equal(np.asarray(loaded.convert("RGB")), np.asarray(image))
+        item = image_item(_data_url(_encode(image, fmt)), MediaConfig())
+        torch.testing.assert_close(item.pixel_values, preprocess_image(image, MediaConfig()).pixel_values)
 
 
 def test_bad_images_give_clear_errors(tmp_path):
@@ -193,9 +197,9 @@ def test_local_files_only_under_the_allowed_path(tmp_path):
 
 def test_video_sources():
     frame = _data_url(_encode(PIL.Image.new("RGB", (64, 48), (1, 2, 3)), "PNG"))
-    clip = load_video([frame] * 4, MediaConfig(), fps=2.0)
-    item = preprocess_video(clip.frames, MediaConfig(), fps=clip.fps)
+    item = video_item([frame] * 4, MediaConfig(), fps=2.0)
     assert item.grid_thw[0] == 2 and item.timestamps == pytest.approx((0.25, 1.25))
+    assert item.pixel_values[:, 0].unique().tolist() == pytest.approx([(1 / 255 - 0.5) / 0.5])
     try:
         import av  # noqa: F401
     except ImportError:
