@@ -74,6 +74,8 @@ class ToolCallStream:
         self._buf = ""
         self._state = "content"
         self._call: _Call | None = None
+        # where rule A stopped in the pending value: (value start, position, depth, nested calls)
+        self._scan_state: tuple[int, int, int, int] | None = None
         self._num_calls = 0
         self._out: list[dict[str, Any]] = []
         # content bookkeeping: does the current outside-call stretch hold non-whitespace yet
@@ -152,6 +154,7 @@ class ToolCallStream:
         if not self._stretch_has_text:
             self._pending_space = ""
         self._stretch_has_text = False
+        self._scan_state = None
         self._call = _Call(self._num_calls, name, self._schemas.get(name))
         self._num_calls += 1
         function = {"name": name, "arguments": ""}
@@ -219,6 +222,7 @@ class ToolCallStream:
             self._emit_arguments(piece if not call.seen else ", " + piece)
             call.seen.add(name)
         self._buf = buf[resume:]
+        self._scan_state = None
         return True
 
     def _step_after_function(self, final: bool) -> bool:
@@ -263,11 +267,17 @@ class ToolCallStream:
         return end, bound
 
     def _scan_closes(self, buf: str, start: int, final: bool, *, skip_nested_calls: bool) -> int | None:
-        """Position of the structural `</parameter>` (rules A/B), -1 if there is none, None to wait for text."""
+        """Position of the structural `</parameter>` (rules A/B), -1 if there is none, None to wait for text.
+
+        Rule A runs on every delta while a long value streams in, so it saves where it stopped (position, depth,
+        nesting) and resumes there: the text before that point cannot change.
+        """
         call = self._call
         assert call is not None
-        depth = nested_calls = 0
-        for match in VALUE_TAGS.finditer(buf, start):
+        pos, depth, nested_calls = start, 0, 0
+        if skip_nested_calls and self._scan_state is not None and self._scan_state[0] == start:
+            _, pos, depth, nested_calls = self._scan_state
+        for match in VALUE_TAGS.finditer(buf, pos):
             tag = match.group(0)
             if tag == TOOL_CALL_OPEN:
                 nested_calls += skip_nested_calls
@@ -276,7 +286,7 @@ class ToolCallStream:
                     return -1
                 nested_calls -= 1
             elif nested_calls:
-                continue
+                pass
             elif tag != PARAM_CLOSE:
                 depth += call.knows(match.group(1))
             elif depth:
@@ -284,10 +294,17 @@ class ToolCallStream:
             else:
                 structural = self._closes_value(buf, match.end(), final)
                 if structural is None:
+                    self._scan_state = (start, match.start(), depth, nested_calls)
                     return None
                 if structural:
                     return match.start()
-        return -1 if final else None
+            pos = match.end()
+        if final:
+            return -1
+        # only a tag that starts at the last "<" can still be incomplete
+        lt = buf.rfind("<", pos)
+        self._scan_state = (start, len(buf) if lt < 0 else lt, depth, nested_calls)
+        return None
 
     def _closes_value(self, buf: str, pos: int, final: bool) -> bool | None:
         """Is the `</parameter>` ending at `pos` structural, judged by what follows it (None: cannot tell yet)."""

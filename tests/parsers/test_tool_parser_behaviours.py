@@ -7,6 +7,7 @@ token; every replay must join to the non-streaming result (checked by `assert_st
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from parser_cases import assert_stream_matches, call, run_stream, tool
@@ -401,3 +402,15 @@ def test_whitespace_only_content_around_calls_is_dropped(token_split):
 def test_repeated_parameter_keeps_first_value(token_split):
     text = call("g", ("x", "A"), ("x", "B"))
     assert parse_everywhere(text, [tool("g", {"x": {"type": "string"}})], token_split)[1] == [("g", {"x": "A"})]
+
+
+def test_long_streamed_argument_is_linear_time():
+    # rule A resumes where it stopped: a 100 KB file argument in 8-character deltas must not rescan the value
+    body = "".join(f"line {i}: a<b and <tag> text\n" for i in range(3500))
+    text = call("write_file", ("path", "a.py"), ("content", body))
+    parser = ChatStreamParser(WRITE_FILE, thinking=False)
+    started = time.perf_counter()
+    fragments = [f for k in range(0, len(text), 8) for f in parser.feed(text[k : k + 8])] + parser.finish()
+    assert time.perf_counter() - started < 4.0
+    arguments = "".join(f["tool_calls"][0]["function"]["arguments"] for f in fragments if "tool_calls" in f)
+    assert json.loads(arguments) == {"path": "a.py", "content": body.removesuffix("\n")}
