@@ -413,4 +413,4 @@ def test_long_streamed_argument_is_linear_time():
     fragments = [f for k in range(0, len(text), 8) for f in parser.feed(text[k : k + 8])] + parser.finish()
     assert time.perf_counter() - started < 4.0
     arguments = "".join(f["tool_calls"][0]["function"]["arguments"] for f in fragments if "tool_calls" in f)
-    assert json.loads(arguments) == {"path": "a.py", "content": body.removesuffix("\n")}
+    assert json.loads(arguments) == {"path": "a.py", "content": body}
