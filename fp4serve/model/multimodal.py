@@ -212,6 +212,8 @@ def build_multimodal_prompt(
 def encode_media(visual: torch.nn.Module, prompt: MultimodalPrompt) -> torch.Tensor:
     """Run the vision tower once for all media of a prompt → feature rows [M, text_hidden] in placeholder order."""
     param = next(visual.parameters())
+    if not prompt.items:
+        return torch.empty(0, visual.config.out_hidden_size, device=param.device, dtype=param.dtype)
     feats = visual(prompt.pixel_values.to(device=param.device, dtype=param.dtype), prompt.grid_thw)
     assert feats.shape[0] == prompt.mm_token_positions.numel()
     return feats

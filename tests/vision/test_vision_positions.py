@@ -7,7 +7,8 @@ import torch
 from vision_harness import IMAGE_ID, VE_ID, VIDEO_ID, VS_ID
 
 from fp4serve.model.media import MediaItem
-from fp4serve.model.multimodal import VisionTokenIds, build_multimodal_prompt, mrope_positions
+from fp4serve.model.multimodal import VisionTokenIds, build_multimodal_prompt, encode_media, mrope_positions
+from fp4serve.model.vision import Qwen35VisionModel, VisionConfig
 
 IDS = VisionTokenIds(image=IMAGE_ID, video=VIDEO_ID, vision_start=VS_ID, vision_end=VE_ID)
 
@@ -100,6 +101,9 @@ def test_text_only_prompt():
     mm = build_multimodal_prompt([5, 6, 7], ids=IDS)
     assert mm.positions.tolist() == [[0, 1, 2]] * 3 and mm.rope_delta == 0
     assert mm.mm_token_positions.numel() == 0 and mm.grid_thw.shape == (0, 3)
+    visual = Qwen35VisionModel(VisionConfig(depth=1, hidden_size=16, num_heads=1, intermediate_size=8,
+                                            out_hidden_size=24, num_position_embeddings=4))
+    assert encode_media(visual, mm).shape == (0, 24)
 
 
 def test_mismatches_are_rejected():
