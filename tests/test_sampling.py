@@ -214,19 +214,27 @@ def test_masks_per_row_in_one_batch_and_top_k_ties() -> None:
     assert _support(Sampler(), tied, SamplingParams(temperature=1.0, top_k=2)) == {0, 1, 2}
 
 
-def test_top_p_on_the_top_k_head_equals_the_full_sort() -> None:
-    from fp4serve.sampling.sampler import _apply_top_k_top_p
+def test_top_k_head_path_draws_what_the_full_path_draws() -> None:
+    from fp4serve.sampling.sampler import _sample_random
 
     torch.manual_seed(4)
-    x = (torch.randn(5, 400) * 2).bfloat16().float()  # bf16 values make ties at the k-th logit common
-    top_k, top_p = [20, 5, 50, 1, 399], [0.95, 0.5, 0.99, 0.9, 0.3]
-    fast = _apply_top_k_top_p(x, top_k, top_p)  # every row has top-k: only the kept head is sorted
-    full = _apply_top_k_top_p(torch.cat([x, x[:1]]), [*top_k, 0], [*top_p, 0.9])[:5]  # a row without top-k
-    assert torch.equal(fast, full)
-    for row, k in enumerate(top_k):
-        kth = x[row].topk(k).values[-1]
-        kept = fast[row] > float("-inf")
-        assert kept.any() and (x[row][kept] >= kth).all()
+    rows = 64
+    x = (torch.randn(rows, 500) * 2).bfloat16().float()  # bf16 values make ties at the k-th logit common
+    top_k = [[20, 5, 50, 1, 499, 2][i % 6] for i in range(rows)]
+    top_p = [[0.95, 0.5, 0.99, 0.9, 0.3, 1.0, 0.7][i % 7] for i in range(rows)]
+    min_p = [[0.0, 0.05, 0.3][i % 3] for i in range(rows)]
+    temperature = [[1.0, 0.6, 1.5, 0.3][i % 4] for i in range(rows)]
+    for step in range(5):
+        draws = [
+            _sample_random(
+                x, temperature, top_k, top_p, min_p, [make_generator(100 * step + i) for i in range(rows)],
+                allow_head=allow_head,
+            )
+            for allow_head in (True, False)
+        ]  # fmt: skip
+        assert torch.equal(draws[0], draws[1])
+        for row, k in enumerate(top_k):
+            assert x[row, draws[0][row]] >= x[row].topk(k).values[-1]
 
 
 def test_constraints() -> None:

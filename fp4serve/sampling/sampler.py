@@ -2,10 +2,14 @@
 
 It follows vLLM v1's order of operations on float32 logits: raw logprobs (vLLM's default logprobs mode) →
 allowed ids, bad words, min_tokens and logit bias → repetition (prompt + output tokens), presence and frequency
-(output tokens) penalties → greedy argmax when temperature is 0, else temperature → min_p → top-k → top-p → a
-draw by the exponential race (argmax of p/q with q ~ Exp(1), equivalent to a categorical draw). Each seeded request
-draws its noise from its own `torch.Generator` over one full vocabulary row, so its tokens do not depend on which
-other requests share the batch.
+(output tokens) penalties → greedy argmax when temperature is 0, else temperature → top-k / min_p → top-p → a
+draw by the exponential race (argmax of p/q with q ~ Exp(1), equivalent to a categorical draw).
+
+Choices that keep it fast and reproducible: penalties touch only the ids a request has seen (gather/scatter, not
+vocabulary-wide count tensors); when every sampled row uses top-k (Qwen's default), the filters and the draw run
+on the sorted top-k head instead of sorting the vocabulary; every filter keeps logits tied with its last kept one,
+so the kept set never depends on sort order; and each seeded request draws its noise from its own
+`torch.Generator` over one full vocabulary row, so its tokens do not depend on the rest of the batch.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fp4serve.sampling.params import FALLBACKS, SamplingParams
@@ -42,12 +47,19 @@ def _resolved(p: SamplingParams, name: str) -> float | int:
 
 
 def _padded_ids(rows: Sequence[Sequence[int] | torch.Tensor], pad: int, device: torch.device) -> torch.Tensor:
+    """[len(rows), longest] int64 on `device`, padded with `pad`; tensor rows stay where they are."""
+    if rows and all(isinstance(r, torch.Tensor) for r in rows):
+        tensors = [r.to(device=device, dtype=torch.long) for r in rows]
+        if not any(len(t) for t in tensors):
+            return torch.full((len(rows), 1), pad, dtype=torch.long, device=device)
+        return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=pad)
     width = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), max(width, 1)), pad, dtype=torch.long)
+    # numpy converts Python int lists several times faster than torch does row by row
+    out = np.full((len(rows), max(width, 1)), pad, dtype=np.int64)
     for i, row in enumerate(rows):
         if len(row):
-            out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    return out.to(device, non_blocking=True)
+            out[i, : len(row)] = row.cpu().numpy() if isinstance(row, torch.Tensor) else row
+    return torch.from_numpy(out).to(device, non_blocking=True)
 
 
 class Sampler:
@@ -72,20 +84,24 @@ class Sampler:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
         x = self.process_logits(logits, params, prompt_ids, output_ids)
-        token_ids = x.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        token_ids = x.argmax(dim=-1) if len(random_rows) < num_rows else None
         if random_rows:
-            rows = torch.tensor(random_rows, device=x.device)
-            temperature = torch.tensor([_resolved(params[i], "temperature") for i in random_rows], device=x.device)
-            xr = x.index_select(0, rows) / temperature.unsqueeze(1)
-            xr = _apply_min_p(xr, [_resolved(params[i], "min_p") for i in random_rows])
-            xr = _apply_top_k_top_p(
-                xr,
-                [_resolved(params[i], "top_k") for i in random_rows],
-                [_resolved(params[i], "top_p") for i in random_rows],
+            every_row = len(random_rows) == num_rows
+            rows = None if every_row else torch.tensor(random_rows, device=x.device)
+            sampled_ids = _sample_random(
+                x if rows is None else x.index_select(0, rows),
+                [float(_resolved(params[i], "temperature")) for i in random_rows],
+                [int(_resolved(params[i], "top_k")) for i in random_rows],
+                [float(_resolved(params[i], "top_p")) for i in random_rows],
+                [float(_resolved(params[i], "min_p")) for i in random_rows],
+                [generators[i] if generators else None for i in random_rows],
             )
-            row_generators = [generators[i] if generators else None for i in random_rows]
-            token_ids[rows] = _exponential_race(torch.softmax(xr, dim=-1), row_generators)
+            if token_ids is None:
+                token_ids = sampled_ids
+            else:
+                token_ids[rows] = sampled_ids
+        assert token_ids is not None
 
         if raw_logprobs is None:
             return SamplerOutput(token_ids=token_ids)
@@ -157,72 +173,106 @@ class Sampler:
         ]
         if not rows:
             return
-        index = torch.tensor(rows, device=x.device)
-        sub = x.index_select(0, index)  # [r, V]
-        outputs = _padded_ids([output_ids[i] for i in rows], vocab, x.device)
-        counts = torch.zeros(len(rows), vocab + 1, device=x.device)
-        counts.scatter_add_(1, outputs, torch.ones_like(outputs, dtype=counts.dtype))
-        counts = counts[:, :vocab]
-        rep = torch.tensor([float(_resolved(params[i], "repetition_penalty")) for i in rows], device=x.device)
-        if bool((rep != 1.0).any()):
-            prompts = _padded_ids([prompt_ids[i] if rep[j] != 1.0 else () for j, i in enumerate(rows)], vocab, x.device)
-            seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=x.device)
-            seen.scatter_(1, prompts, True)
-            seen = seen[:, :vocab] | (counts > 0)
-            penalty = rep.unsqueeze(1)
-            sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
-        frequency = torch.tensor([params[i].frequency_penalty for i in rows], device=x.device).unsqueeze(1)
-        presence = torch.tensor([params[i].presence_penalty for i in rows], device=x.device).unsqueeze(1)
-        sub = sub - frequency * counts - presence * (counts > 0).to(sub.dtype)
-        x.index_copy_(0, index, sub)
+        device = x.device
+        index = torch.tensor(rows, device=device)
+        # one spare column receives every padding id, so the scatters below need no masks
+        sub = torch.empty(len(rows), vocab + 1, device=device)  # [r, V + 1]
+        sub[:, :vocab] = x.index_select(0, index)
+        outputs = _padded_ids([output_ids[i] for i in rows], vocab, device)  # [r, Lo]
+        rep = [float(_resolved(params[i], "repetition_penalty")) for i in rows]
+        if any(r != 1.0 for r in rep):
+            prompts = _padded_ids([prompt_ids[i] if rep[j] != 1.0 else () for j, i in enumerate(rows)], vocab, device)
+            seen = torch.cat([prompts, outputs], dim=1)  # [r, Lp + Lo], repeats give repeated identical writes
+            values = sub.gather(1, seen)
+            penalty = torch.tensor(rep, device=device).unsqueeze(1)
+            sub.scatter_(1, seen, torch.where(values > 0, values / penalty, values * penalty))
+        frequency = torch.tensor([params[i].frequency_penalty for i in rows], device=device).unsqueeze(1)
+        presence = torch.tensor([params[i].presence_penalty for i in rows], device=device).unsqueeze(1)
+        # frequency counts every occurrence; presence only the first of each id (a run in the sorted ids)
+        ordered = outputs.sort(dim=1).values
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        sub.scatter_add_(1, ordered, -(frequency + presence * first))
+        x.index_copy_(0, index, sub[:, :vocab])
 
 
-def _apply_min_p(x: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
-    """Drop tokens whose probability is below min_p times the most likely token's."""
-    if not any(m > 0 for m in min_p):
-        return x
-    probs = torch.softmax(x, dim=-1)
-    threshold = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p, device=x.device).unsqueeze(1)
-    return x.masked_fill(probs < threshold, float("-inf"))
+def _sample_random(
+    x: torch.Tensor,
+    temperature: Sequence[float],
+    top_k: Sequence[int],
+    top_p: Sequence[float],
+    min_p: Sequence[float],
+    generators: Sequence[torch.Generator | None],
+    *,
+    allow_head: bool = True,
+) -> torch.Tensor:
+    """Token ids [r] drawn from processed logits `x` [r, V] after temperature, top-k, min_p and top-p.
 
-
-def _apply_top_k_top_p(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]) -> torch.Tensor:
-    """Keep the k largest logits (ties at the k-th value kept), then the smallest head with mass >= p."""
-    vocab = x.shape[1]
+    Top-k and min_p are both logit thresholds (min_p: p_i < min_p * p_max ⇔ x_i < x_max + ln min_p), so their order
+    does not matter, and top-k keeps every logit tied with the k-th. When every row has top-k, the draw works on
+    the sorted top-k head only; the noise is still one full row per request, gathered at the head's ids, so both
+    paths draw the same token.
+    """
+    vocab, device = x.shape[1], x.device
     ks = [k if 0 < k < vocab else vocab for k in top_k]
+    temp = torch.tensor(temperature, device=device).unsqueeze(1)
+    if allow_head and all(k < vocab for k in ks):
+        values, ids = x.topk(max(ks), dim=-1)  # [r, k_max], sorted descending
+        kth = values.gather(1, torch.tensor([k - 1 for k in ks], device=device).unsqueeze(1))
+        # logits tied with the k-th one beyond the head: take the general path, which keeps them
+        if int((x >= kth).sum(dim=-1).max()) <= values.shape[1]:
+            head = _min_p_top_p_sorted(values.masked_fill(values < kth, float("-inf")) / temp, min_p, top_p)
+            q = _exponential_noise(x.shape, generators, device).gather(1, ids)
+            choice = (torch.softmax(head, dim=-1) / q).argmax(dim=-1)
+            return ids.gather(1, choice.unsqueeze(1)).squeeze(1)
+    x = x / temp
     if any(k < vocab for k in ks):
-        k_max = max(k for k in ks if k < vocab)
-        kth = x.topk(k_max, dim=-1).values  # [r, k_max]
-        k_index = torch.tensor([min(k, k_max) - 1 for k in ks], device=x.device).unsqueeze(1)
-        threshold = kth.gather(1, k_index)
-        threshold[torch.tensor([k == vocab for k in ks], device=x.device)] = float("-inf")
+        kth = x.topk(max(k for k in ks if k < vocab), dim=-1).values
+        threshold = kth.gather(1, torch.tensor([min(k, kth.shape[1]) - 1 for k in ks], device=device).unsqueeze(1))
+        threshold[torch.tensor([k == vocab for k in ks], device=device)] = float("-inf")
         x = x.masked_fill(x < threshold, float("-inf"))
-    if not any(p < 1.0 for p in top_p):
-        return x
-    if all(k < vocab for k in ks):
-        # every row kept only its top-k (plus ties): sorting the kept head suffices, not the whole vocabulary
-        head = int((x > float("-inf")).sum(dim=-1).max())
-        sorted_x, order = x.topk(head, dim=-1)
-    else:
+    if any(p < 1.0 for p in top_p):
         sorted_x, order = x.sort(dim=-1, descending=True)
+        x = torch.empty_like(x).scatter_(1, order, _min_p_top_p_sorted(sorted_x, min_p, top_p))
+    elif any(m > 0.0 for m in min_p):
+        x = _apply_min_p(x, x.amax(dim=-1, keepdim=True), min_p)
+    q = _exponential_noise(x.shape, generators, device)
+    return (torch.softmax(x, dim=-1) / q).argmax(dim=-1)
+
+
+def _apply_min_p(x: torch.Tensor, x_max: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
+    log_min_p = torch.tensor(min_p, device=x.device).log().unsqueeze(1)  # ln 0 = -inf keeps everything
+    return x.masked_fill(x < x_max + log_min_p, float("-inf"))
+
+
+def _min_p_top_p_sorted(sorted_x: torch.Tensor, min_p: Sequence[float], top_p: Sequence[float]) -> torch.Tensor:
+    """min_p, then top-p (the smallest head holding mass >= p, plus ties), on logits sorted in descending order."""
+    if any(m > 0.0 for m in min_p):
+        sorted_x = _apply_min_p(sorted_x, sorted_x[:, :1], min_p)
+    if not any(p < 1.0 for p in top_p):
+        return sorted_x
     probs = torch.softmax(sorted_x, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     # rows without top-p get a threshold no cumulative sum reaches, even with rounding
-    p = torch.tensor([q if q < 1.0 else 2.0 for q in top_p], device=x.device).unsqueeze(1)
+    p = torch.tensor([q if q < 1.0 else 2.0 for q in top_p], device=sorted_x.device).unsqueeze(1)
     drop = mass_before >= p
     drop[:, 0] = False
-    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-    return torch.full_like(x, float("-inf")).scatter_(1, order, sorted_x)
+    # logits tied with the last kept one are kept too, so the kept set does not depend on how ties were sorted
+    cutoff = sorted_x.masked_fill(drop, float("inf")).amin(dim=-1, keepdim=True)
+    return sorted_x.masked_fill(sorted_x < cutoff, float("-inf"))
 
 
-def _exponential_race(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """Categorical draw per row as argmax(p / q), q ~ Exp(1); seeded rows use their own generator."""
-    q = torch.empty_like(probs)
+def _exponential_noise(
+    shape: torch.Size, generators: Sequence[torch.Generator | None], device: torch.device
+) -> torch.Tensor:
+    """q ~ Exp(1) [r, V]; argmax(p / q) is a categorical draw. Seeded rows use their own generator, one full row."""
+    q = torch.empty(shape, device=device)
     unseeded = [i for i, g in enumerate(generators) if g is None]
+    if len(unseeded) == len(generators):
+        return q.exponential_()
     if unseeded:
-        noise = torch.empty((len(unseeded), probs.shape[1]), device=probs.device).exponential_()
-        q[torch.tensor(unseeded, device=probs.device)] = noise
+        q[torch.tensor(unseeded, device=device)] = torch.empty((len(unseeded), shape[1]), device=device).exponential_()
     for i, generator in enumerate(generators):
         if generator is not None:
             q[i].exponential_(generator=generator)
-    return (probs / q).argmax(dim=-1)
+    return q
