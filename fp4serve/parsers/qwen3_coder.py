@@ -352,7 +352,11 @@ class ToolCallStream:
 
 
 def parse_tool_calls(text: str, tools: list[dict[str, Any]] | None) -> tuple[str | None, list[dict[str, str]]]:
-    """One-shot parse: (content or None, [{"name", "arguments"}]) for a complete text."""
+    """One-shot parse: (content or None, [{"name", "arguments"}]) for a complete text.
+
+    `tools` (the request's OpenAI tool list) only decides value types; without it every value stays a string.
+    Whether to run the tool parser at all (tools present, tool_choice not "none") is the caller's decision.
+    """
     stream = ToolCallStream(tools)
     fragments = stream.feed(text) + stream.finish()
     content, calls = join_fragments(fragments)

@@ -25,9 +25,10 @@ PARSE_ERRORS = (ValueError, TypeError, SyntaxError, MemoryError, RecursionError,
 
 
 def tool_properties(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, Any] | None]:
-    """Map each tool name to its parameter schemas (`parameters.properties`, or `parameters` itself without one).
+    """Map each tool name to its parameter schemas (`parameters.properties`, or a bare `{name: schema}` mapping).
 
-    A tool without any usable schema maps to None, which means "any parameter name, raw string values".
+    A tool without any usable schema (none, or an object schema without `properties`) maps to None, which means
+    "any parameter name, raw string values".
     Entries that are not OpenAI function tools are skipped: the request layer validates tools, the parser must
     not fail on them.
     """
@@ -38,9 +39,11 @@ def tool_properties(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, A
             continue
         parameters = function.get("parameters")
         properties: dict[str, Any] | None = None
-        if isinstance(parameters, dict):
-            candidate = parameters.get("properties", parameters)
-            properties = candidate if isinstance(candidate, dict) else None
+        if isinstance(parameters, dict) and "properties" in parameters:
+            properties = parameters["properties"] if isinstance(parameters["properties"], dict) else None
+        elif isinstance(parameters, dict) and not isinstance(parameters.get("type"), str):
+            # vLLM also accepts a bare {name: schema} mapping as the parameters
+            properties = parameters
         table.setdefault(function["name"], properties)
     return table
 

@@ -82,9 +82,10 @@ def test_tool_properties():
         {"type": "function", "function": {"name": "b", "parameters": {"x": {"type": "integer"}}}},
         {"type": "function", "function": {"name": "c"}},
         {"type": "function", "function": {"name": "d", "parameters": {"properties": "bad"}}},
+        {"type": "function", "function": {"name": "e", "parameters": {"type": "object"}}},
         {"type": "function", "function": {"name": "a", "parameters": {"properties": {"y": {}}}}},
         {"type": "function"},
         "junk",
     ]
-    assert tool_properties(tools) == {"a": {"x": {}}, "b": {"x": {"type": "integer"}}, "c": None, "d": None}
+    assert tool_properties(tools) == {"a": {"x": {}}, "b": {"x": {"type": "integer"}}, "c": None, "d": None, "e": None}
     assert tool_properties(None) == {}
