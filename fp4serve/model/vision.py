@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
+
+from fp4serve.checkpoint.safetensors_io import CheckpointReader
 
 _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -252,29 +253,14 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
-def _checkpoint_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / s for s in shards]
-    else:
-        files = [path / "model.safetensors"]
-    for f in files:
-        if not f.is_file():
-            raise ValueError(f"checkpoint {path}: missing safetensors file {f.name}")
-    return files
-
-
 def read_vision_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """All `model.visual.*` tensors of a checkpoint directory, keyed without the prefix (also accepts `visual.*`)."""
-    path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
-    for f in _checkpoint_files(path):
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():  # noqa: SIM118 - safe_open objects are not iterable
-                for prefix in ("model.visual.", "visual."):
-                    if name.startswith(prefix):
-                        tensors[name[len(prefix):]] = st.get_tensor(name)
+    with CheckpointReader(path) as reader:
+        for name in reader.names():
+            for prefix in ("model.visual.", "visual."):
+                if name.startswith(prefix):
+                    tensors[name[len(prefix):]] = reader.get(name)
     quantized = sorted(n for n, t in tensors.items() if n.endswith(_QUANT_SUFFIXES) or t.dtype == torch.uint8)
     if quantized:
         raise ValueError(
