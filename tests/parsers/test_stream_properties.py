@@ -16,7 +16,7 @@ from parser_cases import TOOLS, assert_stream_matches, call, split_at
 from fp4serve.parsers import parse_tool_calls
 
 PROPERTY_SETTINGS = settings(
-    max_examples=150,
+    max_examples=120,
     derandomize=True,
     deadline=None,
     database=None,
@@ -94,7 +94,7 @@ def test_tag_fragment_soup_joins_to_one_shot(case: tuple[str, list[int]]) -> Non
 PLAIN_TEXT = st.text(st.characters(blacklist_characters="<", blacklist_categories=["Cs"]), max_size=20)
 
 
-@PROPERTY_SETTINGS
+@settings(PROPERTY_SETTINGS, max_examples=60)
 @given(
     s=PLAIN_TEXT,
     i=st.integers(-(10**12), 10**12),
