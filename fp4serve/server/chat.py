@@ -8,7 +8,7 @@ where the template puts them (spec §12b).
 Whether the model starts inside a think block is read from the rendered prompt (spec §12b: did the prompt's last
 think tag open or close?), never from `enable_thinking` alone. `required` and named `tool_choice` cannot be enforced
 by a grammar yet; instead the start of a call is appended to the prompt (`<tool_call>\\n<function=NAME>\\n` for a
-named tool, `<tool_call>\\n<function=` for `required`), closing an open think block first, so the model must write
+named tool or the only tool, `<tool_call>\\n<function=` for `required` among several), closing an open think block first, so the model must write
 a call and the tool parser reads it as if the model had produced those characters itself.
 """
 
@@ -40,10 +40,13 @@ def prepare_tools(tools: list[Tool] | None) -> list[dict[str, Any]] | None:
     return [tool.model_dump(by_alias=True) for tool in tools]
 
 
-def forced_tool_prefix(tool_choice: str | NamedToolChoice) -> str:
+def forced_tool_prefix(tool_choice: str | NamedToolChoice, tools: list[Tool] | None) -> str:
+    """The start of a call the model must continue: the whole header when the function is known."""
     if isinstance(tool_choice, NamedToolChoice):
         return f"<tool_call>\n<function={tool_choice.function.name}>\n"
-    if tool_choice == "required":
+    if tool_choice == "required" and tools:
+        if len(tools) == 1:
+            return f"<tool_call>\n<function={tools[0].function.name}>\n"
         return "<tool_call>\n<function="
     return ""
 
@@ -72,7 +75,7 @@ def render_chat(
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
     thinking = thinking_from_prompt(prompt, bool(template_kwargs.get("enable_thinking", True)))
-    prefix = forced_tool_prefix(tool_choice) if add_generation_prompt else ""
+    prefix = forced_tool_prefix(tool_choice, tools) if add_generation_prompt else ""
     if not prefix:
         return RenderedChat(prompt=prompt, thinking=thinking)
     # a forced call skips the reasoning: close the think block the way the template does when thinking is off

@@ -71,6 +71,7 @@ class ChatRun:
     continuous_usage: bool
     engine_ids: list[str] = field(default_factory=list)
     ticket: Ticket | None = None
+    return_token_ids: bool = False
 
 
 def plan_chat(state: Any, req: ChatCompletionRequest) -> ChatRun:
@@ -160,6 +161,7 @@ def plan_chat(state: Any, req: ChatCompletionRequest) -> ChatRun:
         include_usage=include_usage,
         continuous_usage=continuous,
         engine_ids=[f"{secrets.token_hex(8)}-{i}" for i in range(n)],
+        return_token_ids=bool(req.return_token_ids),
     )
 
 
@@ -198,10 +200,12 @@ def parse_full_output(plan: ChatPlan, text: str) -> tuple[str | None, str | None
 async def full_chat(state: Any, run: ChatRun) -> dict[str, Any]:
     texts = [""] * len(run.params)
     logprobs: list[list[TokenLogprob]] = [[] for _ in run.params]
+    token_ids: list[list[int]] = [[] for _ in run.params]
     finals: list[TextDelta | None] = [None] * len(run.params)
     async for index, delta in merge(_engine_streams(state, run)):
         texts[index] += delta.text
         logprobs[index] += delta.logprobs
+        token_ids[index] += delta.token_ids
         if delta.finish_reason is not None:
             finals[index] = delta
     choices = []
@@ -215,10 +219,11 @@ async def full_chat(state: Any, run: ChatRun) -> dict[str, Any]:
         message = chat_message(content, reasoning, calls)
         block = _logprobs_block(state, logprobs[index]) if run.top_logprobs is not None else None
         reason = run.plan.finish_reason(final.finish_reason, bool(calls))
-        choices.append(chat_choice(index, message, block, reason, final.stop_reason))
-    return chat_completion(
-        run.request_id, run.created, run.model, choices, usage(len(run.prompt_ids), completion_tokens)
-    )
+        ids = token_ids[index] if run.return_token_ids else None
+        choices.append(chat_choice(index, message, block, reason, final.stop_reason, ids))
+    prompt_ids = run.prompt_ids if run.return_token_ids else None
+    body_usage = usage(len(run.prompt_ids), completion_tokens)
+    return chat_completion(run.request_id, run.created, run.model, choices, body_usage, prompt_ids)
 
 
 class _ChoiceStream:

@@ -45,6 +45,7 @@ class CompletionRun:
     continuous_usage: bool
     engine_ids: list[str] = field(default_factory=list)
     ticket: Ticket | None = None
+    return_token_ids: bool = False
 
     def prompt_of(self, choice: int) -> int:
         return choice // self.n
@@ -120,6 +121,7 @@ def plan_completion(state: Any, req: CompletionRequest) -> CompletionRun:
         include_usage=include_usage,
         continuous_usage=continuous,
         engine_ids=[f"{secrets.token_hex(8)}-{i}" for i in range(len(params))],
+        return_token_ids=bool(req.return_token_ids),
     )
 
 
@@ -137,10 +139,12 @@ async def full_completion(state: Any, run: CompletionRun) -> dict[str, Any]:
     texts = [run.prompt_texts[run.prompt_of(i)] if run.echo else "" for i in range(count)]
     starts = [len(t) for t in texts]
     entries: list[list[TokenLogprob]] = [[] for _ in range(count)]
+    token_ids: list[list[int]] = [[] for _ in range(count)]
     finals: list[TextDelta | None] = [None] * count
     async for index, delta in merge(_streams(state, run)):
         texts[index] += delta.text
         entries[index] += delta.logprobs
+        token_ids[index] += delta.token_ids
         if delta.finish_reason is not None:
             finals[index] = delta
     choices = []
@@ -154,7 +158,8 @@ async def full_completion(state: Any, run: CompletionRun) -> dict[str, Any]:
         block = (
             completion_logprobs(entries[index], state.token_text, starts[index]) if run.logprobs is not None else None
         )
-        choices.append(completion_choice(index, texts[index], block, final.finish_reason, final.stop_reason))
+        ids = (token_ids[index], run.prompts[run.prompt_of(index)]) if run.return_token_ids else (None, None)
+        choices.append(completion_choice(index, texts[index], block, final.finish_reason, final.stop_reason, *ids))
     return completion(run.request_id, run.created, run.model, choices, usage(_prompt_tokens(run), completion_tokens))
 
 

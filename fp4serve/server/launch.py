@@ -26,14 +26,15 @@ def build_state(
     from fp4serve.tokenizer import Tokenizer
 
     model_dir = Path(model_dir)
-    tokenizer = Tokenizer.from_dir(model_dir)
+    engine = Engine.from_pretrained(model_dir, config)
+    # the engine detokenizes (stop strings) with its own copy of the tokenizer; share it
+    tokenizer = getattr(engine, "tokenizer", None) or Tokenizer.from_dir(model_dir)
     try:
         template = ChatTemplate.from_dir(model_dir)
     except ValueError as exc:
         logger.warning("no chat template (%s): /v1/chat/completions will answer 400", exc)
         template = None
     defaults = GenerationDefaults.from_dir(model_dir).as_dict() if use_generation_config else {}
-    engine = Engine.from_pretrained(model_dir, config)
     vocab_size = engine.vocab_size or tokenizer.vocab_size
     return ServerState(settings, AsyncEngine(engine), tokenizer, template, defaults, engine.max_model_len, vocab_size)
 

@@ -111,7 +111,12 @@ def tool_call_item(call_id: str, name: str, arguments: str) -> dict[str, Any]:
 
 
 def chat_choice(
-    index: int, message: dict[str, Any], logprobs: dict | None, finish_reason: str | None, stop_reason: int | str | None
+    index: int,
+    message: dict[str, Any],
+    logprobs: dict | None,
+    finish_reason: str | None,
+    stop_reason: int | str | None,
+    token_ids: list[int] | None = None,
 ) -> dict[str, Any]:
     return {
         "index": index,
@@ -119,11 +124,18 @@ def chat_choice(
         "logprobs": logprobs,
         "finish_reason": finish_reason,
         "stop_reason": stop_reason,
-        "token_ids": None,
+        "token_ids": token_ids,
     }
 
 
-def chat_completion(request_id: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict[str, Any]:
+def chat_completion(
+    request_id: str,
+    created: int,
+    model: str,
+    choices: list[dict],
+    usage_: dict,
+    prompt_token_ids: list[int] | None = None,
+) -> dict[str, Any]:
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -134,7 +146,7 @@ def chat_completion(request_id: str, created: int, model: str, choices: list[dic
         "system_fingerprint": None,
         "usage": usage_,
         "prompt_logprobs": None,
-        "prompt_token_ids": None,
+        "prompt_token_ids": prompt_token_ids,
         "kv_transfer_params": None,
     }
 
@@ -152,7 +164,13 @@ def chat_chunk(request_id: str, created: int, model: str, choices: list[dict], *
 
 
 def completion_choice(
-    index: int, text: str, logprobs: dict | None, finish_reason: str | None, stop_reason: int | str | None
+    index: int,
+    text: str,
+    logprobs: dict | None,
+    finish_reason: str | None,
+    stop_reason: int | str | None,
+    token_ids: list[int] | None = None,
+    prompt_token_ids: list[int] | None = None,
 ) -> dict[str, Any]:
     return {
         "index": index,
@@ -160,9 +178,9 @@ def completion_choice(
         "logprobs": logprobs,
         "finish_reason": finish_reason,
         "stop_reason": stop_reason,
-        "token_ids": None,
+        "token_ids": token_ids,
         "prompt_logprobs": None,
-        "prompt_token_ids": None,
+        "prompt_token_ids": prompt_token_ids,
     }
 
 
