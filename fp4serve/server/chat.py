@@ -7,9 +7,10 @@ where the template puts them (spec §12b).
 
 Whether the model starts inside a think block is read from the rendered prompt (spec §12b: did the prompt's last
 think tag open or close?), never from `enable_thinking` alone. `required` and named `tool_choice` cannot be enforced
-by a grammar yet; instead the start of a call is appended to the prompt (`<tool_call>\\n<function=NAME>\\n` for a
-named tool or the only tool, `<tool_call>\\n<function=` for `required` among several), closing an open think block first, so the model must write
-a call and the tool parser reads it as if the model had produced those characters itself.
+by a grammar yet; instead the start of a call is appended to the prompt, closing an open think block first:
+`<tool_call>\\n<function=NAME>\\n` for a named tool (or `required` with a single tool), `<tool_call>\\n<function=`
+for `required` among several tools. The model must then write a call, and the tool parser reads the appended text
+as if the model had written it.
 """
 
 from __future__ import annotations
