@@ -42,8 +42,8 @@ class Export:
     modelopt_dequantized: dict[str, torch.Tensor]  # BF16, from the model's weight quantizers
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory: pytest.TempPathFactory) -> Export:
+def build_and_export(path: Path, quant_cfg: str) -> Export:
+    """Build, calibrate with `mtq.<quant_cfg>` and export the tiny model into `path`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import modelopt.torch.quantization as mtq
@@ -86,10 +86,9 @@ def export(tmp_path_factory: pytest.TempPathFactory) -> Export:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, forward_loop)
+        mtq.quantize(model, getattr(mtq, quant_cfg), forward_loop)
         linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         originals = {n: m.weight.detach().clone() for n, m in linears.items()}
-        path = tmp_path_factory.mktemp("modelopt_export")
         export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=path)
 
     quantized: set[str] = set()
@@ -115,11 +114,26 @@ def export(tmp_path_factory: pytest.TempPathFactory) -> Export:
     return Export(path, ckpt_name, originals, quantized, dequantized)
 
 
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory) -> Export:
+    return build_and_export(tmp_path_factory.mktemp("modelopt_nvfp4"), "NVFP4_DEFAULT_CFG")
+
+
+@pytest.fixture(scope="module")
+def export_w4a16(tmp_path_factory: pytest.TempPathFactory) -> Export:
+    return build_and_export(tmp_path_factory.mktemp("modelopt_w4a16"), "W4A16_NVFP4_CFG")
+
+
 def test_export_loads_through_reader_and_quant_config(export: Export) -> None:
     reader = CheckpointReader(export.path)
     qc = QuantConfig.from_checkpoint_dir(export.path)
     assert qc is not None and qc.quant_algo == "NVFP4" and qc.producer["name"] == "modelopt"
-    assert QuantConfig.from_hf_quant_config(json.loads((export.path / "hf_quant_config.json").read_text())) == qc
+    hf_quant_config = json.loads((export.path / "hf_quant_config.json").read_text())
+    assert QuantConfig.from_hf_quant_config(hf_quant_config) == qc
+    # what we would write is what ModelOpt wrote, key for key
+    assert json.dumps(qc.to_hf_quant_config()) == json.dumps(hf_quant_config)
+    block = json.loads((export.path / "config.json").read_text())["quantization_config"]
+    assert json.dumps(qc.to_config_quantization_block()) == json.dumps(block)
     assert len(export.quantized) == 25
     for name, weight in export.originals.items():
         ckpt = export.ckpt_name[name]
@@ -179,3 +193,21 @@ def test_nvfp4_linear_runs_the_exported_layer(export: Export, mode: str) -> None
     x = torch.randn(4, k, dtype=torch.bfloat16)
     x_used = x if mode == "w4a16" else quant_dequant_activation(x, layer.input_scale)
     assert torch.equal(layer(x), F.linear(x_used, export.modelopt_dequantized[name]))
+
+
+def test_w4a16_export_has_no_activation_scales_and_the_same_weights(export_w4a16: Export) -> None:
+    reader = CheckpointReader(export_w4a16.path)
+    qc = QuantConfig.from_checkpoint_dir(export_w4a16.path)
+    assert qc is not None and qc.quant_algo == "W4A16_NVFP4" and not qc.has_input_scales
+    hf_quant_config = json.loads((export_w4a16.path / "hf_quant_config.json").read_text())
+    assert json.dumps(qc.to_hf_quant_config()) == json.dumps(hf_quant_config)
+    block = json.loads((export_w4a16.path / "config.json").read_text())["quantization_config"]
+    assert json.dumps(qc.to_config_quantization_block()) == json.dumps(block)
+    assert not [n for n in reader.names() if n.endswith(".input_scale")]
+    assert len(export_w4a16.quantized) == 25
+    for name in export_w4a16.quantized:
+        ckpt = export_w4a16.ckpt_name[name]
+        validate_nvfp4_tensors(ckpt, reader, *export_w4a16.originals[name].shape)
+        leaves = (reader.get(f"{ckpt}.{leaf}") for leaf in ("weight", "weight_scale", "weight_scale_2"))
+        ours = dequantize_weight(*leaves, dtype=torch.bfloat16)
+        assert torch.equal(ours.view(torch.int16), export_w4a16.modelopt_dequantized[name].view(torch.int16)), name
