@@ -17,6 +17,7 @@ from typing import Any
 from fp4serve.server.chat import RenderedChat, render_chat
 from fp4serve.server.errors import APIError, bad_request, error_body
 from fp4serve.server.generation import TextDelta, Ticket
+from fp4serve.server.media import collect_media, multimodal_input
 from fp4serve.server.params import check_n, check_unsupported, sampling_params, token_budget
 from fp4serve.server.protocol import ChatCompletionRequest, NamedToolChoice
 from fp4serve.server.responses import (
@@ -72,6 +73,7 @@ class ChatRun:
     engine_ids: list[str] = field(default_factory=list)
     ticket: Ticket | None = None
     return_token_ids: bool = False
+    mm_inputs: Any = None  # MultimodalPrompt when the messages carry images or videos
 
 
 def plan_chat(state: Any, req: ChatCompletionRequest) -> ChatRun:
@@ -110,9 +112,14 @@ def plan_chat(state: Any, req: ChatCompletionRequest) -> ChatRun:
     )
     prompt_ids = state.tokenizer.encode(rendered.prompt)
     if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens >= 0:
-        prompt_ids = prompt_ids[len(prompt_ids) - req.truncate_prompt_tokens :] if req.truncate_prompt_tokens else []
+        prompt_ids = prompt_ids[-req.truncate_prompt_tokens :] if req.truncate_prompt_tokens else []
     if not prompt_ids:
         raise bad_request("the rendered prompt is empty", param="messages")
+    mm_inputs = None
+    images, videos = collect_media(req.messages)
+    if images or videos:
+        mm_inputs = multimodal_input(state, prompt_ids, images, videos)
+        prompt_ids = list(mm_inputs.token_ids)
     budget = token_budget(
         len(prompt_ids), req.max_new_tokens, state.max_model_len, state.generation_config.get("max_new_tokens")
     )
@@ -162,12 +169,13 @@ def plan_chat(state: Any, req: ChatCompletionRequest) -> ChatRun:
         continuous_usage=continuous,
         engine_ids=[f"{secrets.token_hex(8)}-{i}" for i in range(n)],
         return_token_ids=bool(req.return_token_ids),
+        mm_inputs=mm_inputs,
     )
 
 
 def _engine_streams(state: Any, run: ChatRun) -> list[AsyncIterator[TextDelta]]:
     pairs = zip(run.engine_ids, run.params, strict=True)
-    return [state.generation.stream(rid, run.prompt_ids, p, run.ticket) for rid, p in pairs]
+    return [state.generation.stream(rid, run.prompt_ids, p, run.ticket, run.mm_inputs) for rid, p in pairs]
 
 
 def _logprobs_block(state: Any, entries: list[TokenLogprob]) -> dict[str, Any]:

@@ -80,7 +80,7 @@ def plan_completion(state: Any, req: CompletionRequest) -> CompletionRun:
                 )
             texts.append(state.tokenizer.decode(ids, skip_special_tokens=False))
         if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens >= 0:
-            ids = ids[len(ids) - req.truncate_prompt_tokens :] if req.truncate_prompt_tokens else []
+            ids = ids[-req.truncate_prompt_tokens :] if req.truncate_prompt_tokens else []
         if not ids:
             raise bad_request("prompt must contain at least one token", param="prompt")
         prompts.append(ids)

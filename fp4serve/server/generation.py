@@ -114,11 +114,18 @@ class Generation:
         self.metrics = metrics
         self.admission = admission
 
-    def _engine_deltas(self, request_id: str, prompt_ids: list[int], params: Any) -> AsyncIterator[Any]:
-        return _checked(self.engine.generate(request_id, prompt_ids, params))
+    def _engine_deltas(self, request_id: str, prompt_ids: list[int], params: Any, mm_inputs: Any) -> AsyncIterator[Any]:
+        if mm_inputs is None:
+            return _checked(self.engine.generate(request_id, prompt_ids, params))
+        return _checked(self.engine.generate(request_id, prompt_ids, params, mm_inputs=mm_inputs))
 
     async def stream(
-        self, request_id: str, prompt_ids: list[int], params: Any, ticket: Ticket | None = None
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: Any,
+        ticket: Ticket | None = None,
+        mm_inputs: Any = None,
     ) -> AsyncIterator[TextDelta]:
         if ticket is None or not ticket.claim():
             self.admission.waiting += 1
@@ -129,7 +136,7 @@ class Generation:
         last_token_time = arrival
         num_prompt, num_output = len(prompt_ids), 0
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=getattr(params, "skip_special_tokens", True))
-        deltas = self._engine_deltas(request_id, prompt_ids, params)
+        deltas = self._engine_deltas(request_id, prompt_ids, params, mm_inputs)
         try:
             async for delta in deltas:
                 now = time.monotonic()

@@ -6,6 +6,7 @@ engine and its background thread), shared by `fp4serve serve` and the tests, whi
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -36,7 +37,29 @@ def build_state(
         template = None
     defaults = GenerationDefaults.from_dir(model_dir).as_dict() if use_generation_config else {}
     vocab_size = engine.vocab_size or tokenizer.vocab_size
-    return ServerState(settings, AsyncEngine(engine), tokenizer, template, defaults, engine.max_model_len, vocab_size)
+    media_config, vision_ids = _vision(model_dir, settings)
+    return ServerState(
+        settings,
+        AsyncEngine(engine),
+        tokenizer,
+        template,
+        defaults,
+        engine.max_model_len,
+        vocab_size,
+        media_config=media_config,
+        vision_ids=vision_ids,
+    )
+
+
+def _vision(model_dir: Path, settings: ServerSettings) -> tuple[object, object]:
+    """Media preprocessing settings and vision token ids, for a checkpoint with a vision tower."""
+    config = json.loads((model_dir / "config.json").read_text())
+    if "vision_config" not in config:
+        return None, None
+    from fp4serve.model.media import MediaConfig
+    from fp4serve.model.multimodal import VisionTokenIds
+
+    return MediaConfig.from_dir(model_dir, allow_http=settings.allow_http_media), VisionTokenIds.from_config(config)
 
 
 def serve_forever(

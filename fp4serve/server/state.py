@@ -31,6 +31,8 @@ class ServerState:
     generation_config: dict[str, Any]
     max_model_len: int
     vocab_size: int
+    media_config: Any = None  # MediaConfig when the model has a vision tower, else None (media refused)
+    vision_ids: Any = None  # VisionTokenIds of the checkpoint
     metrics: Metrics = field(init=False)
     admission: Admission = field(init=False)
     generation: Generation = field(init=False)
