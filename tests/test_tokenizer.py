@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import unicodedata
 from pathlib import Path
 
@@ -194,13 +193,34 @@ def test_incremental_truncated_character_flushes_as_replacement(tok: Tokenizer) 
     assert tok.decode(emoji_ids[:-1]) == "\ufffd"
 
 
-def test_eos_from_generation_config_and_errors(tmp_path: Path, tok_dir: Path) -> None:
-    shutil.copy(tok_dir / "tokenizer.json", tmp_path / "tokenizer.json")
-    shutil.copy(tok_dir / "tokenizer_config.json", tmp_path / "tokenizer_config.json")
-    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"eos_token_id": 248044}}))
-    assert Tokenizer.from_dir(tmp_path).eos_token_ids == (248046, 248044)
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [248046, 248044, 248045]}))
-    assert Tokenizer.from_dir(tmp_path).eos_token_ids == (248046, 248044, 248045)
+def _write_tiny_tokenizer(path: Path) -> None:
+    """A byte-level BPE with no merges (256 byte tokens) and two special tokens, written like a checkpoint's."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = HFTokenizer(models.BPE({ch: i for i, ch in enumerate(sorted(alphabet))}, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken("<|endoftext|>", special=True), AddedToken("<|im_end|>", special=True)])
+    path.mkdir(parents=True, exist_ok=True)
+    backend.save(str(path / "tokenizer.json"))
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "added_tokens_decoder": {
+        "258": {"content": "<think>", "special": False}}}  # fmt: skip
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def test_eos_from_generation_config_and_errors(tmp_path: Path) -> None:
+    _write_tiny_tokenizer(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"eos_token_id": 256}}))
+    tiny = Tokenizer.from_dir(tmp_path)
+    assert tiny.eos_token_ids == (257, 256) and tiny.pad_token_id == 256
+    # an added token declared only in tokenizer_config.json is added with its id, as transformers does
+    assert tiny.token_to_id("<think>") == 258
+    assert tiny.encode("a<think>b") == [tiny.token_to_id("a"), 258, tiny.token_to_id("b")]
+    assert tiny.decode(tiny.encode("é<|im_end|><think>")) == "é<think>"
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [257, 256, 3]}))
+    assert Tokenizer.from_dir(tmp_path).eos_token_ids == (257, 256, 3)
     (tmp_path / "generation_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="generation_config.json is not valid JSON"):
         Tokenizer.from_dir(tmp_path)
