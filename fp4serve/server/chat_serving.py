@@ -100,6 +100,7 @@ def plan_chat(state: Any, req: ChatCompletionRequest) -> ChatRun:
         template_kwargs.setdefault("reasoning_effort", req.reasoning_effort)
     if req.reasoning_effort == "none":
         template_kwargs.setdefault("enable_thinking", False)
+    images, videos = collect_media(req.messages)
     rendered = render_chat(
         state.template,
         req.messages,
@@ -116,7 +117,6 @@ def plan_chat(state: Any, req: ChatCompletionRequest) -> ChatRun:
     if not prompt_ids:
         raise bad_request("the rendered prompt is empty", param="messages")
     mm_inputs = None
-    images, videos = collect_media(req.messages)
     if images or videos:
         mm_inputs = multimodal_input(state, prompt_ids, images, videos)
         prompt_ids = list(mm_inputs.token_ids)
