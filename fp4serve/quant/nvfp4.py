@@ -32,8 +32,8 @@ E4M3_MIN_SCALE = 2.0**-9
 # weights match ModelOpt's bit for bit (the sign of a zero never changes a matmul result)
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
-# magnitude thresholds of the E2M1 grid: |x| above `gt` (or at least `ge`) moves one code up. Ties at
-# 0.25, 1.25, 2.5, 5.0 stay on the even code below; ties at 0.75, 1.75, 3.5 go to the even code above.
+# (bound, inclusive): |x| > bound (>= bound when inclusive) moves one code up. Ties at 0.25, 1.25, 2.5, 5.0 stay on
+# the even code below; ties at 0.75, 1.75, 3.5 go to the even code above.
 _E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
 
 
@@ -196,7 +196,8 @@ def dequantize_weight(
 def quant_dequant_activation(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
     """W4A4 emulation: quantize activations [..., K] to NVFP4 per 16-block with the static input_scale, dequantize.
 
-    Same operations, in the same fp32 order, as vLLM's `ref_nvfp4_quant_dequant` with gs = 1 / input_scale:
+    Same operations, in the same fp32 order, as vLLM's `ref_nvfp4_quant_dequant` with gs = 1 / input_scale (the
+    format doc writes o = gs / s, which is the same value up to fp32 rounding):
     s = fp8(clamp(gs * (block_amax * (1/6)), +-448)); o = 1 / (s * (1/gs)) (0 where s is 0);
     q = E2M1(clamp(x * o, +-6)); x_hat = q * (s / gs), cast back to x.dtype. Blocks beyond the calibrated amax
     saturate (scale 448, codes +-6) and blocks whose scale underflows fp8 flush to zero, as on Blackwell.
