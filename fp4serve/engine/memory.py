@@ -83,15 +83,26 @@ def plan_cache(
                 f"max_model_len={length} is longer than the model's max_position_embeddings={max_position_embeddings}"
             )
         if length > fit_len:
+            need = blocks_needed(length, block_size) * block_bytes
+            seqs = (budget_bytes - need) // state_bytes_per_slot - 1 if state_bytes_per_slot else 0
+            fewer_seqs = f" (or lower max_num_seqs to at most {seqs})" if 0 < seqs < max_num_seqs else ""
             raise ValueError(
-                f"max_model_len={length} needs {format_bytes(blocks_needed(length, block_size) * block_bytes)} of KV "
-                f"cache for one sequence, but the cache budget of {format_bytes(budget_bytes)} leaves "
-                f"{format_bytes(num_blocks * block_bytes)} for KV after the DeltaNet state of {max_num_seqs} sequences "
-                f"({format_bytes(state_bytes)}); the largest max_model_len that fits is {fit_len}. Set max_model_len "
-                f"to at most {fit_len} (or -1 to fit it automatically), or {_HINT}"
+                f"max_model_len={length} needs {format_bytes(need)} of KV cache for one sequence, but the cache budget "
+                f"of {format_bytes(budget_bytes)} leaves {format_bytes(num_blocks * block_bytes)} for KV after the "
+                f"DeltaNet state of max_num_seqs={max_num_seqs} sequences ({format_bytes(state_bytes)}); the largest "
+                f"max_model_len that fits is {fit_len}. Set max_model_len to at most {fit_len}{fewer_seqs}, use -1 "
+                f"to fit it automatically, or {_HINT}"
             )
     # more blocks than max_num_seqs full-length sequences can hold would never be used
     num_blocks = min(num_blocks, max_num_seqs * blocks_needed(length, block_size))
+    logger.info(
+        "KV cache: %d tokens, %.1f full-length (%d-token) sequences at once; DeltaNet state: %d slots, %s",
+        num_blocks * block_size,
+        num_blocks * block_size / length,
+        length,
+        num_slots,
+        format_bytes(state_bytes),
+    )
     return CachePlan(num_blocks, block_size, num_slots, length, num_blocks * block_bytes, state_bytes)
 
 

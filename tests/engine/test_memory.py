@@ -86,8 +86,12 @@ def test_explicit_length_that_does_not_fit_names_the_largest_that_does():
     assert plan(1_000_000, 960).max_model_len == 960
     with pytest.raises(ValueError, match="largest max_model_len that fits is 960"):
         plan(1_000_000, 961)
-    with pytest.raises(ValueError, match="largest max_model_len that fits is 960"):
+    with pytest.raises(ValueError, match="largest max_model_len that fits is 960") as error:
         plan(1_000_000, None)
+    assert "max_num_seqs to at most" not in str(error.value)
+    # 4096 tokens need 4.1 MB of KV: with 4.5 MB, fewer sequences' state would make room
+    with pytest.raises(ValueError, match="lower max_num_seqs to at most 39"):
+        plan(4_500_000, None, max_num_seqs=100)
     with pytest.raises(ValueError, match="max_position_embeddings=4096"):
         plan(10**9, 5000)
 
