@@ -69,26 +69,40 @@ def gated_delta_rule_recurrent_ref(
     return o.to(v.dtype)
 
 
-def _chunk_step(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, s0: torch.Tensor
+def _chunked_sequence(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, s: torch.Tensor, size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk for all heads: q, k [H, C, K], v [H, C, V], g, beta [H, C], s0 [H, K, V] → (o [H, C, V], s_end)."""
-    c = g.shape[1]
-    cum = g.cumsum(dim=1)  # [H, C]
-    causal = torch.ones(c, c, dtype=torch.bool, device=g.device).tril()
-    diff = (cum[:, :, None] - cum[:, None, :]).masked_fill(~causal, float("-inf"))
-    decay = diff.exp()  # [H, C, C], zero above the diagonal
-    a = (beta[:, :, None] * decay * (k @ k.transpose(1, 2))).tril(-1)
-    eye = torch.eye(c, dtype=g.dtype, device=g.device)
-    lower = eye + a
-    rhs = torch.cat((beta[:, :, None] * v, (beta * cum.exp())[:, :, None] * k), dim=2)
+    """One sequence, all heads: q, k [H, L, K], v [H, L, V], g, beta [H, L], s [H, K, V] → (o [H, L, V], s_end).
+
+    The intra-chunk work (decays, the triangular solve, the WY factors) runs for all chunks at once; only the
+    chunk-to-chunk state update is a loop. The tail is padded with k = v = beta = g = 0 tokens, which neither
+    decay nor write the state."""
+    heads, length = g.shape
+    n = -(-length // size)
+    pad = n * size - length
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad) if x.dim() == 3 else (0, pad))
+        return x.reshape(heads, n, size, *x.shape[2:])
+
+    q, k, v, g, beta = chunks(q), chunks(k), chunks(v), chunks(g), chunks(beta)  # [H, n, C, ...]
+    cum = g.cumsum(dim=-1)  # [H, n, C]
+    causal = torch.ones(size, size, dtype=torch.bool, device=g.device).tril()
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [H, n, C, C]
+    a = (beta[..., None] * decay * (k @ k.transpose(-1, -2))).tril(-1)
+    lower = a + torch.eye(size, dtype=g.dtype, device=g.device)
+    rhs = torch.cat((beta[..., None] * v, (beta * cum.exp())[..., None] * k), dim=-1)
     solved = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
-    u_free, w = solved[:, :, : v.shape[2]], solved[:, :, v.shape[2] :]
-    u = u_free - w @ s0  # [H, C, V]
-    o = (cum.exp()[:, :, None] * q) @ s0 + (decay * (q @ k.transpose(1, 2))) @ u
-    to_end = (cum[:, -1:] - cum).exp()  # [H, C]
-    s_end = cum[:, -1].exp()[:, None, None] * s0 + (to_end[:, :, None] * k).transpose(1, 2) @ u
-    return o, s_end
+    u_free, w = solved[..., : v.shape[-1]], solved[..., v.shape[-1] :]
+    q_decayed = cum.exp()[..., None] * q  # reads the chunk's initial state
+    qk = decay * (q @ k.transpose(-1, -2))  # intra-chunk scores
+    k_to_end = (cum[..., -1:] - cum).exp()[..., None] * k  # writes into the chunk's final state
+    o = torch.empty_like(v)
+    for c in range(n):
+        u = u_free[:, c] - w[:, c] @ s  # [H, C, V]
+        o[:, c] = q_decayed[:, c] @ s + qk[:, c] @ u
+        s = cum[:, c, -1].exp()[:, None, None] * s + k_to_end[:, c].transpose(-1, -2) @ u
+    return o.reshape(heads, n * size, -1)[:, :length], s
 
 
 def chunk_gated_delta_rule_ref(
@@ -114,10 +128,11 @@ def chunk_gated_delta_rule_ref(
     bounds = cu_seqlens.tolist()
     for i, slot in enumerate(state_indices.tolist()):
         s = _initial_state(state, slot, bool(has_initial_state[i]), dtype)
-        for start in range(bounds[i], bounds[i + 1], chunk_size):
-            end = min(start + chunk_size, bounds[i + 1])
-            span = slice(start, end)
-            o[:, span], s = _chunk_step(qe[:, span], ke[:, span], vd[:, span], gd[:, span], bd[:, span], s)
+        span = slice(bounds[i], bounds[i + 1])
+        if span.start < span.stop:
+            o[:, span], s = _chunked_sequence(
+                qe[:, span], ke[:, span], vd[:, span], gd[:, span], bd[:, span], s, chunk_size
+            )
         state[slot] = s.to(state.dtype)
     return o.transpose(0, 1).to(v.dtype)
 
