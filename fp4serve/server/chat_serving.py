@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,12 +211,13 @@ async def full_chat(state: Any, run: ChatRun) -> dict[str, Any]:
     logprobs: list[list[TokenLogprob]] = [[] for _ in run.params]
     token_ids: list[list[int]] = [[] for _ in run.params]
     finals: list[TextDelta | None] = [None] * len(run.params)
-    async for index, delta in merge(_engine_streams(state, run)):
-        texts[index] += delta.text
-        logprobs[index] += delta.logprobs
-        token_ids[index] += delta.token_ids
-        if delta.finish_reason is not None:
-            finals[index] = delta
+    async with aclosing(merge(_engine_streams(state, run))) as merged:
+        async for index, delta in merged:
+            texts[index] += delta.text
+            logprobs[index] += delta.logprobs
+            token_ids[index] += delta.token_ids
+            if delta.finish_reason is not None:
+                finals[index] = delta
     choices = []
     completion_tokens = 0
     for index, (text, final) in enumerate(zip(texts, finals, strict=True)):
@@ -307,22 +309,23 @@ async def stream_chat(state: Any, run: ChatRun) -> AsyncIterator[str]:
                 "finish_reason": None,
             }
             yield chunk([first], cs, prompt_token_ids=None)
-        async for index, delta in merge(_engine_streams(state, run)):
-            cs = states[index]
-            cs.completion_tokens = delta.num_output_tokens
-            cs.pending_logprobs += delta.logprobs
-            final = delta.finish_reason is not None
-            if final and delta.finish_reason == "abort":
-                raise APIError("the request was aborted", 500, "InternalServerError")
-            fragments = cs.fragments(delta.text, final)
-            if final:
-                last = fragments.pop() if fragments else {}
-                for fragment in fragments:
-                    yield chunk([cs.choice(fragment, want_logprobs, None)], cs)
-                yield chunk([cs.choice(last, want_logprobs, delta)], cs)
-            else:
-                for fragment in fragments:
-                    yield chunk([cs.choice(fragment, want_logprobs, None)], cs)
+        async with aclosing(merge(_engine_streams(state, run))) as merged:
+            async for index, delta in merged:
+                cs = states[index]
+                cs.completion_tokens = delta.num_output_tokens
+                cs.pending_logprobs += delta.logprobs
+                final = delta.finish_reason is not None
+                if final and delta.finish_reason == "abort":
+                    raise APIError("the request was aborted", 500, "InternalServerError")
+                fragments = cs.fragments(delta.text, final)
+                if final:
+                    last = fragments.pop() if fragments else {}
+                    for fragment in fragments:
+                        yield chunk([cs.choice(fragment, want_logprobs, None)], cs)
+                    yield chunk([cs.choice(last, want_logprobs, delta)], cs)
+                else:
+                    for fragment in fragments:
+                        yield chunk([cs.choice(fragment, want_logprobs, None)], cs)
         if run.include_usage:
             total = sum(cs.completion_tokens for cs in states)
             yield sse(chat_chunk(run.request_id, run.created, run.model, [], usage=stream_usage(prompt_tokens, total)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,12 +142,13 @@ async def full_completion(state: Any, run: CompletionRun) -> dict[str, Any]:
     entries: list[list[TokenLogprob]] = [[] for _ in range(count)]
     token_ids: list[list[int]] = [[] for _ in range(count)]
     finals: list[TextDelta | None] = [None] * count
-    async for index, delta in merge(_streams(state, run)):
-        texts[index] += delta.text
-        entries[index] += delta.logprobs
-        token_ids[index] += delta.token_ids
-        if delta.finish_reason is not None:
-            finals[index] = delta
+    async with aclosing(merge(_streams(state, run))) as merged:
+        async for index, delta in merged:
+            texts[index] += delta.text
+            entries[index] += delta.logprobs
+            token_ids[index] += delta.token_ids
+            if delta.finish_reason is not None:
+                finals[index] = delta
     choices = []
     completion_tokens = 0
     for index in range(count):
@@ -182,26 +184,27 @@ async def stream_completion(state: Any, run: CompletionRun) -> AsyncIterator[str
                 text = run.prompt_texts[run.prompt_of(index)]
                 offsets[index] = len(text)
                 yield chunk({"index": index, "text": text, "logprobs": None, "finish_reason": None}, index)
-        async for index, delta in merge(_streams(state, run)):
-            output_tokens[index] = delta.num_output_tokens
-            if delta.finish_reason == "abort":
-                raise APIError("the request was aborted", 500, "InternalServerError")
-            pending[index] += delta.logprobs
-            if not delta.text and delta.finish_reason is None:
-                continue
-            block = None
-            if run.logprobs is not None:
-                block = completion_logprobs(pending[index], state.token_text, offsets[index])
-            pending[index] = []
-            offsets[index] += len(delta.text)
-            choice = {
-                "index": index,
-                "text": delta.text,
-                "logprobs": block,
-                "finish_reason": delta.finish_reason,
-                "stop_reason": delta.stop_reason,
-            }
-            yield chunk(choice, index)
+        async with aclosing(merge(_streams(state, run))) as merged:
+            async for index, delta in merged:
+                output_tokens[index] = delta.num_output_tokens
+                if delta.finish_reason == "abort":
+                    raise APIError("the request was aborted", 500, "InternalServerError")
+                pending[index] += delta.logprobs
+                if not delta.text and delta.finish_reason is None:
+                    continue
+                block = None
+                if run.logprobs is not None:
+                    block = completion_logprobs(pending[index], state.token_text, offsets[index])
+                pending[index] = []
+                offsets[index] += len(delta.text)
+                choice = {
+                    "index": index,
+                    "text": delta.text,
+                    "logprobs": block,
+                    "finish_reason": delta.finish_reason,
+                    "stop_reason": delta.stop_reason,
+                }
+                yield chunk(choice, index)
         if run.include_usage:
             yield sse(
                 completion_chunk(

@@ -9,7 +9,8 @@ its completion is being generated gets the request aborted (vLLM does the same).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 import anyio
@@ -72,18 +73,24 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnected()
 
 
-async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
-    """Items of several async iterators as they come, tagged with the iterator's index; errors propagate."""
+async def merge(streams: list[AsyncGenerator[T, None]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several async generators as they come, tagged with the generator's index; errors propagate.
+
+    Use it under `contextlib.aclosing`: closing the merge closes every source, so each engine request it feeds
+    from is aborted right away when the consumer stops early.
+    """
     if len(streams) == 1:
-        async for item in streams[0]:
-            yield 0, item
+        async with aclosing(streams[0]) as only:
+            async for item in only:
+                yield 0, item
         return
     queue: asyncio.Queue[tuple[int, Any, bool]] = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[T]) -> None:
+    async def pump(index: int, stream: AsyncGenerator[T, None]) -> None:
         try:
-            async for item in stream:
-                await queue.put((index, item, False))
+            async with aclosing(stream):
+                async for item in stream:
+                    await queue.put((index, item, False))
         except Exception as exc:
             await queue.put((index, exc, True))
         finally:
