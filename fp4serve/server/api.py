@@ -103,7 +103,11 @@ def model_card(state: ServerState, name: str) -> dict[str, Any]:
 
 
 async def _respond(request: Request, state: ServerState, run: Any, full: Any, stream: Any, streaming: bool) -> Any:
-    run.ticket = state.admission.admit(len(run.params))
+    try:
+        run.ticket = state.admission.admit(len(run.params))
+    except APIError:
+        state.metrics.rejected += 1
+        raise
     if streaming:
         return SSEResponse(stream(state, run), on_close=run.ticket.release)
     try:

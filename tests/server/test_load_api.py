@@ -106,6 +106,7 @@ def test_overload_gets_503_not_a_hang(base_state):
         assert error["code"] == 503 and "overloaded" in error["message"]
         assert all(r.json()["usage"]["completion_tokens"] == 4 for r in responses if r.status_code == 200)
         assert live.state.admission.waiting == 0
+        assert live.state.metrics.rejected == codes.count(503)
         assert engine_idle(live.state)
     finally:
         live.stop()
