@@ -47,6 +47,17 @@ def test_tokenize_and_detokenize(demo):
     assert chat["token_strs"] is None
 
 
+def test_case_47_old_reasoning_is_dropped(demo):
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "<think>\nold\n</think>\n\nHello!"},
+        {"role": "user", "content": "bye"},
+    ]
+    tokens = post(demo, "/tokenize", {"messages": messages}).json()["tokens"]
+    text = demo.state.tokenizer.decode(tokens, skip_special_tokens=False)
+    assert "<|im_start|>assistant\nHello!<|im_end|>\n" in text and "old" not in text
+
+
 def _sample(text: str, name: str, **labels: str) -> float:
     pattern = re.escape(name) + r"\{([^}]*)\} (\S+)"
     for match in re.finditer(pattern, text):

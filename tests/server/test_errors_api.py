@@ -144,6 +144,14 @@ def test_media_on_a_text_only_model(demo):
     assert_error(post(demo, "/v1/chat/completions", {"messages": parts}), 400, "`input_audio` are not supported")
 
 
+def test_unknown_fields_are_ignored_and_charset_is_fine(demo):
+    body = b'{"messages": [{"role": "user", "content": "hi", "x-extra": 1}], "max_tokens": 1, "frobnicate": true}'
+    response = requests.post(f"{demo.v1}/chat/completions", data=body, timeout=60,
+                             headers={"Content-Type": "application/json; charset=utf-8"})  # fmt: skip
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 1
+
+
 def test_unknown_route_and_method(demo):
     assert_error(requests.get(f"{demo.url}/v1/nothing", timeout=30), 404)
     assert_error(requests.get(f"{demo.v1}/chat/completions", timeout=30), 405)
