@@ -75,6 +75,7 @@ class ChatRun:
     ticket: Ticket | None = None
     return_token_ids: bool = False
     mm_inputs: Any = None  # MultimodalPrompt when the messages carry images or videos
+    echo: str = ""  # `echo`: the final assistant message's text, put before the generated content
 
 
 def plan_chat(state: Any, req: ChatCompletionRequest) -> ChatRun:
@@ -171,7 +172,18 @@ def plan_chat(state: Any, req: ChatCompletionRequest) -> ChatRun:
         engine_ids=[f"{secrets.token_hex(8)}-{i}" for i in range(n)],
         return_token_ids=bool(req.return_token_ids),
         mm_inputs=mm_inputs,
+        echo=_echo_text(req),
     )
+
+
+def _echo_text(req: ChatCompletionRequest) -> str:
+    """With `echo`, the final message is repeated in front of the answer when it is the assistant's own."""
+    if not req.echo or not req.messages or req.messages[-1].role != "assistant":
+        return ""
+    content = req.messages[-1].content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content or ""
 
 
 def _engine_streams(state: Any, run: ChatRun) -> list[AsyncIterator[TextDelta]]:
@@ -226,6 +238,8 @@ async def full_chat(state: Any, run: ChatRun) -> dict[str, Any]:
             raise APIError("the request was aborted", 500, "InternalServerError")
         completion_tokens += final.num_output_tokens
         reasoning, content, calls = parse_full_output(run.plan, text)
+        if run.echo:
+            content = run.echo + (content or "")
         message = chat_message(content, reasoning, calls)
         block = _logprobs_block(state, logprobs[index]) if run.top_logprobs is not None else None
         reason = run.plan.finish_reason(final.finish_reason, bool(calls))
@@ -309,6 +323,8 @@ async def stream_chat(state: Any, run: ChatRun) -> AsyncIterator[str]:
                 "finish_reason": None,
             }
             yield chunk([first], cs, prompt_token_ids=None)
+            if run.echo:
+                yield chunk([cs.choice({"content": run.echo}, False, None)], cs)
         async with aclosing(merge(_engine_streams(state, run))) as merged:
             async for index, delta in merged:
                 cs = states[index]

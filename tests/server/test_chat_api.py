@@ -220,3 +220,22 @@ def test_auto_tools_with_plain_text_output(client):
     message = response.choices[0].message
     assert message.tool_calls in (None, []) and message.content
     assert response.choices[0].finish_reason in ("stop", "length")
+
+
+def test_continue_final_message_with_echo(demo):
+    messages = [*MESSAGES, {"role": "assistant", "content": "Mr. Darcy is"}]
+    body = {
+        "messages": messages,
+        "continue_final_message": True,
+        "add_generation_prompt": False,
+        "echo": True,
+        "max_tokens": 4,
+        "temperature": 0,
+        "ignore_eos": True,
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
+    response = post(demo, "/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"].startswith("Mr. Darcy is")
+    prompt = rendered_ids(demo, messages, continue_final_message=True, add_generation_prompt=False)
+    assert demo.state.tokenizer.decode(prompt, skip_special_tokens=False).endswith("Mr. Darcy is")
