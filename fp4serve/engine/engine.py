@@ -78,7 +78,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = torch.device(config.resolved_device())
-        self.dtype = getattr(torch, config.resolved_dtype_name(self.device.type))
+        # the caches hold the model's activations, so a loaded model's own dtype wins over the config's
+        self.dtype = getattr(model, "dtype", None) or getattr(torch, config.resolved_dtype_name(self.device.type))
         model_config = getattr(model, "config", None)
         if max_position_embeddings is None:
             max_position_embeddings = int(model_config.max_position_embeddings)
