@@ -98,21 +98,18 @@ def make_weights(n: int, k: int, copies: int) -> list[nvfp4_gemm.NVFP4KernelWeig
 
 def gemm_configs(m: int) -> list[GemmConfig]:
     if m == 1:
-        cfgs = []
-        for bn in (16, 32, 64):
-            for bk in (256, 512):
-                for warps in (4, 8):
-                    for split in (1, 2, 4, 8):
-                        cfgs.append(GemmConfig("gemv", 16, bn, bk, split, warps, 3))
-        return cfgs
+        return [
+            GemmConfig("gemv", 1, bn, bk, split, 4, 3, prefetch=pf)
+            for bn in (16, 32)
+            for bk in (256, 512, 1024)
+            for split in (1, 2, 4)
+            for pf in (True, False)
+        ]
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    cfgs = []
-    for bn in (64, 128):
-        for bk in (128, 256):
-            for split in (1, 2, 4):
-                for stages in (3, 4):
-                    cfgs.append(GemmConfig("mma", bm, bn, bk, split, 4, stages))
-    cfgs.append(GemmConfig("mma", bm, 64, 256, 2, 4, 3, swap_ab=False))
+    cfgs = [GemmConfig("mma", bm, bn, bk, split, 4, 3) for bn in (64, 128) for bk in (128, 256) for split in (2, 4, 8)]
+    cfgs += [GemmConfig("mma", bm, 64, 128, 4, 8, 3), GemmConfig("mma", bm, 64, 128, 4, 4, 2)]
+    if m <= 4:
+        cfgs += [GemmConfig("gemv", 1, 16, 512, split, 4, 3) for split in (1, 2)]
     return cfgs
 
 
@@ -135,14 +132,10 @@ def gemm_suite(copy_gbps: float, quick: bool) -> None:
                 "vs_cublas": t_cublas / t_default,
             }  # fmt: skip
             record("nvfp4_gemm", **row)
-            if quick or m not in (1, 4, 16, 32, 64, 128, 256, 2048):
+            if quick or m not in (1, 2, 4, 16, 32, 64, 128, 256, 2048):
                 continue
             best = (t_default, "default")
-            sweep = (
-                gemm_configs(m)
-                if m <= 32
-                else [GemmConfig("mma", 64, bn, 128, 1, 4, st) for bn in (64, 128) for st in (3, 4)]
-            )
+            sweep = gemm_configs(m) if m <= 32 else [GemmConfig("mma", 64, bn, 128, 1, 4, 3) for bn in (64, 128)]
             if m >= 64:
                 sweep.append(GemmConfig("dense"))
             for c in sweep:
@@ -170,8 +163,14 @@ def gemm_suite(copy_gbps: float, quick: bool) -> None:
                 "nvfp4_gemm_best", n=n, k=k, m=m, best_us=best[0] * 1e6, best_cfg=best[1], default_us=t_default * 1e6
             )
         # the transient dequant alone (prefill path): bytes = packed in + bf16 out
-        t = bench([lambda i=i: nvfp4_gemm.nvfp4_dequant(ws[i]) for i in range(len(ws))])
-        record("nvfp4_dequant", n=n, k=k, time_us=t * 1e6, gbps=(wbytes + 2 * n * k) / t / 1e9)
+        for bn, bk, cc in ((32, 256, True), (32, 256, False), (16, 512, True), (64, 128, True), (8, 1024, True)):
+            fn = [
+                lambda i=i: nvfp4_gemm.nvfp4_dequant(ws[i], block_n=bn, block_k=bk, concat=cc) for i in range(len(ws))
+            ]
+            t = bench(fn, reps=8, replays=5)
+            gbps = (wbytes + 2 * n * k) / t / 1e9
+            record("nvfp4_dequant", n=n, k=k, block_n=bn, block_k=bk, concat=cc, time_us=t * 1e6, gbps=gbps,
+                   frac_copy_bw=gbps / copy_gbps)  # fmt: skip
 
 
 def norm_suite(copy_gbps: float) -> None:
@@ -226,6 +225,14 @@ def attention_suite(copy_gbps: float) -> None:
         tables = torch.randperm(num_blocks, device="cuda").reshape(bsz, blocks_per).int()
         lens = torch.full((bsz,), ctx, dtype=torch.int32, device="cuda")
         qs = [torch.randn(bsz, hq, d, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        for splits in (2, 4, 8, 16, 32) if bsz == 1 else ():
+            fn = [
+                lambda q=q: paged_attention.paged_decode_attention(
+                    q, kv, tables, lens, 1 / 16, max_seq_len=ctx, num_splits=splits
+                )
+                for q in qs
+            ]
+            record("paged_decode_attention_splits", batch=bsz, ctx=ctx, splits=splits, time_us=bench(fn) * 1e6)
         t = bench(
             [
                 lambda q=q: paged_attention.paged_decode_attention(q, kv, tables, lens, 1 / 16, max_seq_len=ctx)

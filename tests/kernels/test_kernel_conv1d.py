@@ -42,7 +42,7 @@ def test_decode_update(device: str) -> None:
 
 @pytest.mark.gpu
 def test_gpu_conv_27b_bf16() -> None:
-    lens = [1, 300, 64, 3]
+    lens = [1, 70, 33, 3]
     x, w, state, cu, idx = _case(10240, lens, 8, "cuda", torch.bfloat16, 2)
     init = torch.tensor([True, True, False, True], device="cuda")
     ref_state = state.clone()

@@ -59,7 +59,7 @@ def test_gpu_fla_chunk_prefill_varlen() -> None:
     st_fla = state.clone()
     out = gdn_chunk_prefill(q, k, v, a, b, a_log, dt_bias, st_fla, idx, cu, init)
     torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2)
-    torch.testing.assert_close(st_fla, ref_state, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(st_fla, ref_state, rtol=2e-2, atol=5e-3)
     out_rec = gdn_recurrent(q, k, v, a, b, a_log, dt_bias, state, idx, cu, init)
     torch.testing.assert_close(out_rec.float(), ref.float(), rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(state, ref_state, rtol=1e-3, atol=1e-4)

@@ -27,11 +27,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
-def test_dequant_is_bit_exact(device: str) -> None:
+@pytest.mark.parametrize("concat", [True, False])
+def test_dequant_is_bit_exact(concat: bool, device: str) -> None:
     w, s, gs = random_nvfp4(37, 80, device, 0)
     kw = prepare_nvfp4_weight(w, s, gs)
-    assert torch.equal(nvfp4_dequant(kw, torch.float32), nvfp4_dequant_ref(w, s, gs, torch.float32))
-    out, ref = nvfp4_dequant(kw, torch.bfloat16), nvfp4_dequant_ref(w, s, gs, torch.bfloat16)
+    assert torch.equal(nvfp4_dequant(kw, torch.float32, concat=concat), nvfp4_dequant_ref(w, s, gs, torch.float32))
+    out, ref = nvfp4_dequant(kw, torch.bfloat16, concat=concat), nvfp4_dequant_ref(w, s, gs, torch.bfloat16)
     if device == "cuda":
         assert torch.equal(out, ref)
     else:
@@ -53,6 +54,7 @@ def test_dequant_ref_matches_code_table() -> None:
     [
         (1, 37, 80, None),
         (1, 40, 96, GemmConfig("gemv", block_n=16, block_k=32, split_k=2)),
+        (2, 40, 96, GemmConfig("gemv", block_n=16, block_k=32, split_k=1, prefetch=False)),
         (3, 37, 80, None),
         (17, 40, 96, GemmConfig("mma", block_m=16, block_n=32, block_k=32, split_k=2)),
         (3, 24, 48, GemmConfig("mma", block_m=16, block_n=16, block_k=32, split_k=1, swap_ab=False)),
@@ -114,3 +116,5 @@ def test_gpu_asm_unpack_matches_arithmetic_unpack() -> None:
         a = nvfp4_gemm(x, kw, config=GemmConfig(kind, split_k=2, use_asm=True))
         b = nvfp4_gemm(x, kw, config=GemmConfig(kind, split_k=2, use_asm=False))
         assert torch.equal(a, b)
+        c = nvfp4_gemm(x, kw, config=GemmConfig(kind, split_k=2, prefetch=False))
+        torch.testing.assert_close(a, c, rtol=0, atol=0)

@@ -30,8 +30,9 @@ import triton
 import triton.language as tl
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-# activations rows above this go through dequant + cuBLAS (measured crossover, see docs/kernels.md)
-DENSE_MIN_M = 128
+# path boundaries by activation rows (measured crossovers on H100, see docs/kernels.md)
+GEMV_MAX_M = 1
+DENSE_MIN_M = 256
 
 _SUBNORMAL_UNFOLD = tl.constexpr(2.0**126)
 _SUBNORMAL_TO_F16 = tl.constexpr(2.0**120)
@@ -64,6 +65,7 @@ class GemmConfig:
     num_stages: int = 3
     use_asm: bool = True
     swap_ab: bool = True
+    prefetch: bool = True
 
 
 def _check_nvfp4(weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor) -> tuple[int, int]:
@@ -179,6 +181,28 @@ def _unpack_e2m1_f16(wb, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _gemv_tile(w_rows, s_rows, x_ptr, k0, k_hi, n_ok, offs_g, offs_j):
+    g_ok = (k0 + offs_g * 16) < k_hi  # [G]
+    byte_idx = k0 // 2 + offs_g[:, None] * 8 + offs_j[None, :]  # [G, 8]
+    wb = tl.load(w_rows + byte_idx[None, :, :], mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
+    sc = tl.load(s_rows + (k0 // 16 + offs_g)[None, :], mask=n_ok[:, None] & g_ok[None, :], other=0)
+    k_first = k0 + offs_g[:, None] * 16 + offs_j[None, :]  # [G, 8]: k of the low nibbles
+    x_lo = tl.load(x_ptr + k_first, mask=g_ok[:, None], other=0.0)
+    x_hi = tl.load(x_ptr + k_first + 8, mask=g_ok[:, None], other=0.0)
+    return wb, sc, x_lo, x_hi
+
+
+@triton.jit
+def _gemv_row_update(acc, wb, sc, x_lo, x_hi, USE_ASM: tl.constexpr):
+    lo, hi = _unpack_e2m1_f16(wb, USE_ASM)
+    part = tl.sum(
+        lo.to(tl.float32) * x_lo.to(tl.float32)[None, :, :] + hi.to(tl.float32) * x_hi.to(tl.float32)[None, :, :],
+        axis=2,
+    )
+    return acc + part * sc.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _nvfp4_gemv_kernel(
     x_ptr,
     w_ptr,
@@ -192,8 +216,10 @@ def _nvfp4_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    # one activation row on CUDA cores: fp32 partial sums per 16-block, one scale multiply per block
+    # one activation row on CUDA cores: fp32 partial sums per 16-block, one scale multiply per block. PREFETCH
+    # issues the next tile's loads before the current tile's math: decode is bound by bytes in flight per SM.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     G: tl.constexpr = BLOCK_K // 16
@@ -203,20 +229,19 @@ def _nvfp4_gemv_kernel(
     n_ok = offs_n < N
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * (K // 2)
-    s_rows = s_ptr + offs_n.to(tl.int64)[:, None] * (K // 16)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * (K // 2)  # [BN, 1, 1]
+    s_rows = s_ptr + offs_n.to(tl.int64)[:, None] * (K // 16)  # [BN, 1]
     acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        g_ok = (k0 + offs_g * 16) < k_hi
-        byte_idx = k0 // 2 + offs_g[:, None] * 8 + offs_j[None, :]  # [G, 8]
-        wb = tl.load(w_rows + byte_idx[None, :, :], mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
-        sc = tl.load(s_rows + (k0 // 16 + offs_g)[None, :], mask=n_ok[:, None] & g_ok[None, :], other=0)
-        k_first = k0 + offs_g[:, None] * 16 + offs_j[None, :]  # [G, 8]: k of the low nibbles
-        x_lo = tl.load(x_ptr + k_first, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        x_hi = tl.load(x_ptr + k_first + 8, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        lo, hi = _unpack_e2m1_f16(wb, USE_ASM)
-        part = tl.sum(lo.to(tl.float32) * x_lo[None, :, :] + hi.to(tl.float32) * x_hi[None, :, :], axis=2)
-        acc += part * sc.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    if PREFETCH:
+        wb_n, sc_n, xl_n, xh_n = _gemv_tile(w_rows, s_rows, x_ptr, k_lo, k_hi, n_ok, offs_g, offs_j)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            wb, sc, x_lo, x_hi = wb_n, sc_n, xl_n, xh_n
+            wb_n, sc_n, xl_n, xh_n = _gemv_tile(w_rows, s_rows, x_ptr, k0 + BLOCK_K, k_hi, n_ok, offs_g, offs_j)
+            acc = _gemv_row_update(acc, wb, sc, x_lo, x_hi, USE_ASM)
+    else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            wb, sc, x_lo, x_hi = _gemv_tile(w_rows, s_rows, x_ptr, k0, k_hi, n_ok, offs_g, offs_j)
+            acc = _gemv_row_update(acc, wb, sc, x_lo, x_hi, USE_ASM)
     y = tl.sum(acc, axis=1) * (tl.load(gs_ptr) * _F16_UNFOLD)
     tl.store(out_ptr + pid_k * stride_split + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -318,10 +343,13 @@ def _splitk_reduce_kernel(p_ptr, out_ptr, numel, SPLIT: tl.constexpr, BLOCK: tl.
 
 
 @triton.jit
-def _nvfp4_dequant_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _nvfp4_dequant_kernel(
+    w_ptr, s_ptr, gs_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONCAT: tl.constexpr
+):
+    # program_id(0) walks K so that neighbouring programs write neighbouring columns of the same rows
     G: tl.constexpr = BLOCK_K // 16
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_g = tl.arange(0, G)
     offs_j = tl.arange(0, 8)
     rows = offs_n.to(tl.int64)
@@ -332,9 +360,17 @@ def _nvfp4_dequant_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, K, BLOCK_N: tl.const
     # the reference order: block scale times global scale first, then times the element
     blk = (sc.to(tl.float8e4nv, bitcast=True).to(tl.float32) * tl.load(gs_ptr))[:, :, None]
     lo, hi = _unpack_e2m1_raw(wb.to(tl.uint32))
-    out = out_ptr + rows[:, None, None] * K + (k0 + offs_g[:, None] * 16 + offs_j[None, :])[None, :, :]
-    tl.store(out, ((lo * _SUBNORMAL_UNFOLD) * blk).to(out_ptr.dtype.element_ty), mask=ok2[:, :, None])
-    tl.store(out + 8, ((hi * _SUBNORMAL_UNFOLD) * blk).to(out_ptr.dtype.element_ty), mask=ok2[:, :, None])
+    lo = ((lo * _SUBNORMAL_UNFOLD) * blk).to(out_ptr.dtype.element_ty)
+    hi = ((hi * _SUBNORMAL_UNFOLD) * blk).to(out_ptr.dtype.element_ty)
+    if CONCAT:
+        # one 32-byte store per (row, block): [lo 0..7 | hi 8..15]
+        w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), (BLOCK_N, BLOCK_K))
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], w, mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+    else:
+        out = out_ptr + rows[:, None, None] * K + (k0 + offs_g[:, None] * 16 + offs_j[None, :])[None, :, :]
+        tl.store(out, lo, mask=ok2[:, :, None])
+        tl.store(out + 8, hi, mask=ok2[:, :, None])
 
 
 @functools.lru_cache(maxsize=8)
@@ -343,27 +379,37 @@ def _num_sms(device_index: int) -> int:
 
 
 def pick_config(m: int, n: int, k: int, num_sms: int, *, on_gpu: bool = True) -> GemmConfig:
-    """The path and tile sizes for one GEMM shape (values from the sweep in bench/kernels, see docs/kernels.md)."""
+    """The path and tile sizes for one GEMM shape (from the H100 sweep in bench/kernels, see docs/kernels.md)."""
     if on_gpu and m >= DENSE_MIN_M:
         return GemmConfig("dense")
-    if m == 1:
-        block_n, block_k, warps, waves = 32, 256, 4, 2
+    if m <= GEMV_MAX_M:
+        block_m = triton.next_power_of_2(m)
+        kind, block_n, block_k, target = "gemv", 16, 512, 4 * num_sms
     else:
-        block_n, block_k, warps, waves = 64, 256, 4, 2
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    tiles = triton.cdiv(n, block_n) * (1 if m == 1 else triton.cdiv(m, block_m))
-    split = max(1, min(triton.cdiv(waves * num_sms, tiles), k // (block_k * 2)))
-    return GemmConfig("gemv" if m == 1 else "mma", block_m, block_n, block_k, split, warps, 3, on_gpu)
+        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+        kind, block_n, block_k = "mma", 128 if m >= 32 else 64, 128
+        target = 2 * num_sms if m < 64 else 1
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    split = max(1, min(triton.cdiv(target, tiles), k // (block_k * 2)))
+    return GemmConfig(kind, block_m, block_n, block_k, split, 4, 3, on_gpu)
 
 
-def nvfp4_dequant(w: NVFP4KernelWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The whole weight as `dtype` [N, K], bit-identical to `nvfp4_dequant_ref(w, dtype)`."""
+def nvfp4_dequant(
+    w: NVFP4KernelWeight,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    block_n: int = 32,
+    block_k: int = 256,
+    concat: bool = True,
+) -> torch.Tensor:
+    """The whole weight as `dtype` [N, K], bit-identical to `nvfp4_dequant_ref` (on the GPU)."""
     n, k = w.out_features, w.in_features
     out = torch.empty((n, k), dtype=dtype, device=w.weight.device)
-    block_n, block_k = 32, 256
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
     scales = w.weight_scale.view(torch.uint8)
-    _nvfp4_dequant_kernel[grid](w.weight, scales, w.weight_scale_2, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k)
+    _nvfp4_dequant_kernel[grid](
+        w.weight, scales, w.weight_scale_2, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k, CONCAT=concat
+    )
     return out
 
 
@@ -379,12 +425,12 @@ def _fused_gemm(x2: torch.Tensor, w: NVFP4KernelWeight, cfg: GemmConfig) -> torc
     scales = w.weight_scale.view(torch.uint8)
     use_asm = cfg.use_asm and on_gpu
     if cfg.kind == "gemv":
-        assert m == 1
         grid = (triton.cdiv(n, cfg.block_n), split)
-        _nvfp4_gemv_kernel[grid](
-            x2, w.weight, scales, w.weight_scale_2, dest, n, k, n, k_per_split,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_ASM=use_asm, **launch,
-        )  # fmt: skip
+        for row in range(m):  # GEMV_MAX_M is small: one launch per row, each streaming the weight
+            _nvfp4_gemv_kernel[grid](
+                x2[row], w.weight, scales, w.weight_scale_2, dest[..., row, :], n, k, m * n, k_per_split,
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_ASM=use_asm, PREFETCH=cfg.prefetch, **launch,
+            )  # fmt: skip
     else:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
         _nvfp4_gemm_kernel[grid](
