@@ -274,6 +274,11 @@ def _chart_pillow(path: Path, chart_rows: list[Row], title: str) -> None:
         def x_of(v: float, lo: float = lo, hi: float = hi, x0: int = x0) -> int:
             return x0 + round(bar_w * (math.log10(v) - lo) / (hi - lo))
 
+        # a light grid line at every power of ten, labelled in the section's heading row
+        for decade in range(math.ceil(lo), math.floor(hi) + 1):
+            gx = x_of(10.0**decade)
+            draw.line((gx, y, gx, y + row_h * len(rs)), fill=(220, 220, 220))
+            draw.text((gx - 8, y - 14), f"{10**decade:g}", fill="gray")
         for r in rs:
             draw.text((10, y + 5), _label(r)[:52], fill="black")
             draw.rectangle((x0, y + 4, max(x0 + 1, x_of(r.value)), y + row_h - 4), fill=COLORS.get(r.kind, "gray"))
