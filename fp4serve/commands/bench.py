@@ -74,7 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--memory-margin", default=None, help="activation headroom kept free (default: estimated)")
 
     out = parser.add_argument_group("output")
-    out.add_argument("--output", type=Path, default=None, help="JSON path (default bench/results/<card>-<time>.json)")
+    out.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="JSON file, or an existing directory to get the default name in it "
+        "(default: bench/results/<card>-<geometry>-<time>.json)",
+    )
     out.add_argument("--chart", type=Path, default=None, help="PNG path (default: the JSON path with .png)")
     out.add_argument("--chart-backend", default="auto", choices=("auto", "matplotlib", "pillow"))
 
@@ -122,7 +128,10 @@ def run(args: argparse.Namespace) -> int:
 
     def on_update(results: dict) -> None:
         if "json" not in paths:
-            paths["json"] = args.output or report.default_output_path(results)
+            if args.output is None or args.output.is_dir():
+                paths["json"] = report.default_output_path(results, args.output or Path("bench/results"))
+            else:
+                paths["json"] = args.output
         report.write_json(paths["json"], results)
 
     results = Suite(settings, log=log, on_update=on_update).run()

@@ -81,8 +81,10 @@ def test_bench_runs_end_to_end_on_cpu(tmp_path, capsys):
 
 
 def test_time_budget_skips_models_but_still_writes_results(tmp_path, capsys):
-    out = tmp_path / "budget.json"
-    assert main([*TINY_RUN, "--time-budget", "0", "--output", str(out)]) == 0
+    # a directory as --output gets the default name: <card>-<geometry>-<timestamp>.json
+    assert main([*TINY_RUN, "--time-budget", "0", "--output", str(tmp_path)]) == 0
+    (out,) = tmp_path.glob("*.json")
+    assert out.name.startswith("cpu-tiny-")
     results = json.loads(out.read_text())
     assert results["ceilings"]["copy_bytes_per_s"] > 0
     assert all(entry["status"].startswith("skipped: the time budget") for entry in results["models"].values())
