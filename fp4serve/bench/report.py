@@ -70,7 +70,7 @@ def run_info(device: torch.device) -> dict[str, Any]:
 
 
 def format_rate(value: float, unit: str) -> str:
-    """1.234e12 B/s -> '1.23 TB/s' (decimal prefixes, as bandwidths and FLOP rates are quoted)."""
+    """1.234e12, "B/s" -> '1.23 TB/s' (decimal prefixes, as bandwidths, FLOP rates and model sizes are quoted)."""
     for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if value >= scale:
             return f"{value / scale:.3g} {prefix}{unit}"
@@ -165,9 +165,11 @@ def format_table(results: dict[str, Any]) -> str:
         status = entry.get("status", "?")
         memory = ""
         if "weight_bytes" in entry:
-            memory = f"weights {entry['weight_bytes'] / 1e9:.2f} GB"
+            memory = f"weights {format_rate(entry['weight_bytes'], 'B')}"
+            if "cache_bytes" in entry:
+                memory += f", caches {format_rate(entry['cache_bytes'], 'B')}"
             if "peak_memory_allocated" in entry:
-                memory += f", peak allocated {entry['peak_memory_allocated'] / 1e9:.2f} GB"
+                memory += f", peak allocated {format_rate(entry['peak_memory_allocated'], 'B')}"
             memory += "; "
         lines.append(f"{entry.get('label', kind)}: {memory}{status}")
         lines.extend(f"  note: {n}" for n in entry.get("notes", []))
