@@ -170,6 +170,12 @@ class EngineBench:
         while self.engine.has_unfinished():
             self.engine.step()
 
+    def abort_all(self) -> None:
+        """Abort whatever a failed measurement left in the engine."""
+        for rid in list(self.engine.scheduler.requests):
+            self.engine.abort(rid)
+        self._drain()
+
     def decode(self, *, batch: int, context_len: int, warmup: int, steps: int, max_tokens: int) -> DecodeResult:
         rids = [self._add(context_len, max_tokens) for _ in range(batch)]
         waiting = set(rids)

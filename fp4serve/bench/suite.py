@@ -288,6 +288,7 @@ class Suite:
             ),
             ttft=lambda: bench.ttft(prompt_len=s.ttft_len, warmup=s.warmup_runs, runs=s.runs),
             batch_sizes=workload.batch_sizes,
+            recover=bench.abort_all,
         )
         if self.device.type == "cuda":
             entry["peak_memory_allocated"] = torch.cuda.max_memory_allocated(self.device)
@@ -347,6 +348,7 @@ class Suite:
             ),
             ttft=lambda: bench.ttft(prompt_len=s.ttft_len, warmup=s.warmup_runs, runs=s.runs),
             batch_sizes=workload.batch_sizes,
+            recover=lambda: None,
         )
         if self.device.type == "cuda":
             entry["peak_memory_allocated"] = torch.cuda.max_memory_allocated(self.device)
@@ -366,19 +368,22 @@ class Suite:
         prefill: Callable[[], tuple[PrefillResult, int]],
         ttft: Callable[[], list[float]],
         batch_sizes: tuple[int, ...],
+        recover: Callable[[], None],
     ) -> None:
         s = self.s
         if "ttft" in s.phases:
-            entry["ttft"] = self._phase(kind, "ttft", lambda: self._ttft_entry(fp, ttft()))
+            entry["ttft"] = self._phase(kind, "ttft", lambda: self._ttft_entry(fp, ttft()), recover)
         if "prefill" in s.phases:
-            entry["prefill"] = self._phase(kind, "prefill", lambda: self._prefill_entry(fp, *prefill()))
+            entry["prefill"] = self._phase(kind, "prefill", lambda: self._prefill_entry(fp, *prefill()), recover)
         if "decode" in s.phases:
             entry["decode"] = []
             for b in batch_sizes:
-                result = self._phase(kind, f"decode batch {b}", lambda b=b: self._decode_entry(fp, decode(b)))
+                result = self._phase(kind, f"decode batch {b}", lambda b=b: self._decode_entry(fp, decode(b)), recover)
                 entry["decode"].append({"batch": b, **result})
 
-    def _phase(self, kind: str, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def _phase(
+        self, kind: str, name: str, fn: Callable[[], dict[str, Any]], recover: Callable[[], None]
+    ) -> dict[str, Any]:
         if self.over_budget():
             self.log(f"{kind} {name}: {self._budget_note()}")
             return {"status": self._budget_note()}
@@ -388,6 +393,8 @@ class Suite:
         except Exception as exc:
             traceback.print_exc()
             result = {"status": f"error: {type(exc).__name__}: {exc}"}
+            # leave nothing behind that would break the next phase
+            recover()
             self._release()
         result["phase_s"] = round(time.perf_counter() - t, 3)
         self.log(f"{kind} {name}: {_summary(result)} ({result['phase_s']:.1f} s)")

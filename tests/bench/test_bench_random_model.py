@@ -69,3 +69,24 @@ def test_deep_random_model_stays_finite_through_the_engine():
     result = bench.decode(batch=2, context_len=8, warmup=0, steps=2, max_tokens=workload.decode_max_tokens(2))
     assert len(result.step_s) == 2 and result.tok_s > 0
     assert not engine.has_unfinished() and engine.stats().used_kv_blocks == 0
+
+
+def test_a_decode_that_cannot_run_full_batches_fails_loudly_and_is_cleaned_up():
+    config = text_config(geometry_config("tiny"))
+    model = build_random_model(config, quant="nvfp4", device="cpu", dtype=torch.float32)
+    # a 3-token step budget cannot decode 4 sequences at once: the timed steps would not be what they claim
+    workload = Workload(
+        batch_sizes=(4,), context_len=4, warmup_steps=0, decode_steps=2, prefill_prompts=1, prefill_len=4,
+        ttft_len=4, max_num_batched_tokens=3, block_size=16,
+    )  # fmt: skip
+    engine = make_engine(
+        model, workload, device=torch.device("cpu"), dtype=torch.float32, enforce_eager=True,
+        max_position_embeddings=4096,
+    )  # fmt: skip
+    bench = EngineBench(engine, vocab_size=config.vocab_size)
+    with pytest.raises(RuntimeError, match="decode batch 4"):
+        bench.decode(batch=4, context_len=4, warmup=0, steps=2, max_tokens=workload.decode_max_tokens(4))
+    assert engine.has_unfinished()
+    bench.abort_all()
+    assert not engine.has_unfinished() and engine.stats().used_state_slots == 0
+    assert len(bench.ttft(prompt_len=3, warmup=0, runs=1)) == 1
