@@ -87,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fp4serve.bench import report
-    from fp4serve.bench.suite import BenchSettings, Suite
+    from fp4serve.bench.settings import BenchSettings
+    from fp4serve.bench.suite import Suite
 
     settings = BenchSettings(
         geometry=args.geometry,
