@@ -41,8 +41,11 @@ def build_hf_model(config: dict[str, Any], *, device: torch.device, dtype: torch
 
     hf_config = Qwen3_5TextConfig(**{k: v for k, v in config.items() if k != "model_type"})
     torch.manual_seed(seed)
+    # created (and randomly initialised by transformers) directly on the device
     with torch.device(device):
         model = Qwen3_5ForCausalLM._from_config(hf_config, dtype=dtype)
+    if next(model.parameters()).device.type != device.type:
+        model = model.to(device)
     return model.eval()
 
 
