@@ -99,11 +99,11 @@ def make_weights(n: int, k: int, copies: int) -> list[nvfp4_gemm.NVFP4KernelWeig
 def gemm_configs(m: int) -> list[GemmConfig]:
     if m == 1:
         return [
-            GemmConfig("gemv", 1, bn, bk, split, 4, 3, prefetch=pf)
+            GemmConfig("gemv", 1, bn, bk, split, 4, 3, x_bcast=xb)
             for bn in (16, 32)
             for bk in (256, 512, 1024)
             for split in (1, 2, 4)
-            for pf in (True, False)
+            for xb in (True, False)
         ]
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     cfgs = [GemmConfig("mma", bm, bn, bk, split, 4, 3) for bn in (64, 128) for bk in (128, 256) for split in (2, 4, 8)]
@@ -113,7 +113,7 @@ def gemm_configs(m: int) -> list[GemmConfig]:
     return cfgs
 
 
-def gemm_suite(copy_gbps: float, quick: bool) -> None:
+def gemm_suite(copy_gbps: float, quick: bool, sweep_m: set[int]) -> None:
     for n, k in SHAPES_27B:
         wbytes = n * k // 2 + n * k // 16
         copies = max(2, math.ceil(4 * 50e6 / wbytes))
@@ -132,7 +132,7 @@ def gemm_suite(copy_gbps: float, quick: bool) -> None:
                 "vs_cublas": t_cublas / t_default,
             }  # fmt: skip
             record("nvfp4_gemm", **row)
-            if quick or m not in (1, 2, 4, 16, 32, 64, 128, 256, 2048):
+            if quick or m not in sweep_m:
                 continue
             best = (t_default, "default")
             sweep = gemm_configs(m) if m <= 32 else [GemmConfig("mma", 64, bn, 128, 1, 4, 3) for bn in (64, 128)]
@@ -299,6 +299,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="gemm,norm,conv,attention,gdn")
+    ap.add_argument("--sweep-m", default="1,2,4,16,32,64,128,256,2048", help="M values that get a config sweep")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -312,7 +313,8 @@ def main() -> int:
     record("env", **env)
     copy_gbps = copy_bandwidth()
     cublas_tflops()
-    suites = {"gemm": lambda: gemm_suite(copy_gbps, args.quick), "norm": lambda: norm_suite(copy_gbps),
+    sweep_m = {int(v) for v in args.sweep_m.split(",") if v}
+    suites = {"gemm": lambda: gemm_suite(copy_gbps, args.quick, sweep_m), "norm": lambda: norm_suite(copy_gbps),
               "conv": lambda: conv_suite(copy_gbps), "attention": lambda: attention_suite(copy_gbps),
               "gdn": lambda: gdn_suite(copy_gbps)}  # fmt: skip
     for name in args.only.split(","):

@@ -46,7 +46,8 @@ def test_gpu_norms_exact_27b_rows() -> None:
     y, new_r = rmsnorm(x, w, 1e-6, r)
     y_ref, r_ref = rmsnorm_ref(x, w, 1e-6, r)
     assert torch.equal(new_r, r_ref)
-    torch.testing.assert_close(y, y_ref, rtol=2**-8, atol=0)
+    # one bf16 ulp: the fp32 sum of squares is reduced in a different order than torch's mean
+    torch.testing.assert_close(y, y_ref, rtol=2**-7, atol=0)
     xg, zg = x.view(-1, 128), z.view(-1, 128)
     wg = torch.randn(128, device="cuda")
     torch.testing.assert_close(gated_rmsnorm(xg, zg, wg, 1e-6), gated_rmsnorm_ref(xg, zg, wg, 1e-6), rtol=2**-8, atol=0)

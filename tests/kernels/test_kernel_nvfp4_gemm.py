@@ -54,7 +54,8 @@ def test_dequant_ref_matches_code_table() -> None:
     [
         (1, 37, 80, None),
         (1, 40, 96, GemmConfig("gemv", block_n=16, block_k=32, split_k=2)),
-        (2, 40, 96, GemmConfig("gemv", block_n=16, block_k=32, split_k=1, prefetch=False)),
+        (2, 40, 96, GemmConfig("gemv", block_n=16, block_k=32, split_k=1, prefetch=True)),
+        (1, 40, 96, GemmConfig("gemv", block_n=16, block_k=32, split_k=2, x_bcast=True)),
         (3, 37, 80, None),
         (17, 40, 96, GemmConfig("mma", block_m=16, block_n=32, block_k=32, split_k=2)),
         (3, 24, 48, GemmConfig("mma", block_m=16, block_n=16, block_k=32, split_k=1, swap_ab=False)),
@@ -116,5 +117,6 @@ def test_gpu_asm_unpack_matches_arithmetic_unpack() -> None:
         a = nvfp4_gemm(x, kw, config=GemmConfig(kind, split_k=2, use_asm=True))
         b = nvfp4_gemm(x, kw, config=GemmConfig(kind, split_k=2, use_asm=False))
         assert torch.equal(a, b)
-        c = nvfp4_gemm(x, kw, config=GemmConfig(kind, split_k=2, prefetch=False))
-        torch.testing.assert_close(a, c, rtol=0, atol=0)
+        for variant in ({"prefetch": True}, {"x_bcast": True}):
+            c = nvfp4_gemm(x, kw, config=GemmConfig(kind, split_k=2, **variant))
+            torch.testing.assert_close(a, c, rtol=0, atol=0)

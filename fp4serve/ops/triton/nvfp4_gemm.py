@@ -32,7 +32,7 @@ import triton.language as tl
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 # path boundaries by activation rows (measured crossovers on H100, see docs/kernels.md)
 GEMV_MAX_M = 1
-DENSE_MIN_M = 256
+DENSE_MIN_M = 64
 
 _SUBNORMAL_UNFOLD = tl.constexpr(2.0**126)
 _SUBNORMAL_TO_F16 = tl.constexpr(2.0**120)
@@ -65,7 +65,8 @@ class GemmConfig:
     num_stages: int = 3
     use_asm: bool = True
     swap_ab: bool = True
-    prefetch: bool = True
+    prefetch: bool = False
+    x_bcast: bool = False
 
 
 def _check_nvfp4(weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor) -> tuple[int, int]:
@@ -181,24 +182,34 @@ def _unpack_e2m1_f16(wb, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemv_tile(w_rows, s_rows, x_ptr, k0, k_hi, n_ok, offs_g, offs_j):
+def _gemv_tile(w_rows, s_rows, x_ptr, k0, k_hi, n_ok, offs_n, offs_g, offs_j, X_BCAST: tl.constexpr):
     g_ok = (k0 + offs_g * 16) < k_hi  # [G]
     byte_idx = k0 // 2 + offs_g[:, None] * 8 + offs_j[None, :]  # [G, 8]
     wb = tl.load(w_rows + byte_idx[None, :, :], mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
     sc = tl.load(s_rows + (k0 // 16 + offs_g)[None, :], mask=n_ok[:, None] & g_ok[None, :], other=0)
     k_first = k0 + offs_g[:, None] * 16 + offs_j[None, :]  # [G, 8]: k of the low nibbles
-    x_lo = tl.load(x_ptr + k_first, mask=g_ok[:, None], other=0.0)
-    x_hi = tl.load(x_ptr + k_first + 8, mask=g_ok[:, None], other=0.0)
+    if X_BCAST:
+        # activations loaded per weight row ([BN, G, 8], L1 hits) in the weight tile's own register layout: no
+        # shared-memory layout conversion and no barrier per iteration
+        x_idx = k_first[None, :, :] + 0 * offs_n[:, None, None]
+        x_ok = (g_ok[None, :, None] & (offs_j < 8)[None, None, :]) & (offs_n >= 0)[:, None, None]
+    else:
+        x_idx = k_first
+        x_ok = g_ok[:, None] & (offs_j < 8)[None, :]
+    x_lo = tl.load(x_ptr + x_idx, mask=x_ok, other=0.0)
+    x_hi = tl.load(x_ptr + x_idx + 8, mask=x_ok, other=0.0)
     return wb, sc, x_lo, x_hi
 
 
 @triton.jit
-def _gemv_row_update(acc, wb, sc, x_lo, x_hi, USE_ASM: tl.constexpr):
+def _gemv_row_update(acc, wb, sc, x_lo, x_hi, USE_ASM: tl.constexpr, X_BCAST: tl.constexpr):
     lo, hi = _unpack_e2m1_f16(wb, USE_ASM)
-    part = tl.sum(
-        lo.to(tl.float32) * x_lo.to(tl.float32)[None, :, :] + hi.to(tl.float32) * x_hi.to(tl.float32)[None, :, :],
-        axis=2,
-    )
+    if X_BCAST:
+        part = tl.sum(lo.to(tl.float32) * x_lo.to(tl.float32) + hi.to(tl.float32) * x_hi.to(tl.float32), axis=2)
+    else:
+        xl = x_lo.to(tl.float32)[None, :, :]
+        xh = x_hi.to(tl.float32)[None, :, :]
+        part = tl.sum(lo.to(tl.float32) * xl + hi.to(tl.float32) * xh, axis=2)
     return acc + part * sc.to(tl.float8e4nv, bitcast=True).to(tl.float32)
 
 
@@ -217,6 +228,7 @@ def _nvfp4_gemv_kernel(
     BLOCK_K: tl.constexpr,
     USE_ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
+    X_BCAST: tl.constexpr,
 ):
     # one activation row on CUDA cores: fp32 partial sums per 16-block, one scale multiply per block. PREFETCH
     # issues the next tile's loads before the current tile's math: decode is bound by bytes in flight per SM.
@@ -233,15 +245,17 @@ def _nvfp4_gemv_kernel(
     s_rows = s_ptr + offs_n.to(tl.int64)[:, None] * (K // 16)  # [BN, 1]
     acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
     if PREFETCH:
-        wb_n, sc_n, xl_n, xh_n = _gemv_tile(w_rows, s_rows, x_ptr, k_lo, k_hi, n_ok, offs_g, offs_j)
+        wb_n, sc_n, xl_n, xh_n = _gemv_tile(w_rows, s_rows, x_ptr, k_lo, k_hi, n_ok, offs_n, offs_g, offs_j, X_BCAST)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             wb, sc, x_lo, x_hi = wb_n, sc_n, xl_n, xh_n
-            wb_n, sc_n, xl_n, xh_n = _gemv_tile(w_rows, s_rows, x_ptr, k0 + BLOCK_K, k_hi, n_ok, offs_g, offs_j)
-            acc = _gemv_row_update(acc, wb, sc, x_lo, x_hi, USE_ASM)
+            wb_n, sc_n, xl_n, xh_n = _gemv_tile(
+                w_rows, s_rows, x_ptr, k0 + BLOCK_K, k_hi, n_ok, offs_n, offs_g, offs_j, X_BCAST
+            )
+            acc = _gemv_row_update(acc, wb, sc, x_lo, x_hi, USE_ASM, X_BCAST)
     else:
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            wb, sc, x_lo, x_hi = _gemv_tile(w_rows, s_rows, x_ptr, k0, k_hi, n_ok, offs_g, offs_j)
-            acc = _gemv_row_update(acc, wb, sc, x_lo, x_hi, USE_ASM)
+            wb, sc, x_lo, x_hi = _gemv_tile(w_rows, s_rows, x_ptr, k0, k_hi, n_ok, offs_n, offs_g, offs_j, X_BCAST)
+            acc = _gemv_row_update(acc, wb, sc, x_lo, x_hi, USE_ASM, X_BCAST)
     y = tl.sum(acc, axis=1) * (tl.load(gs_ptr) * _F16_UNFOLD)
     tl.store(out_ptr + pid_k * stride_split + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -379,19 +393,18 @@ def _num_sms(device_index: int) -> int:
 
 
 def pick_config(m: int, n: int, k: int, num_sms: int, *, on_gpu: bool = True) -> GemmConfig:
-    """The path and tile sizes for one GEMM shape (from the H100 sweep in bench/kernels, see docs/kernels.md)."""
+    """The path and tile sizes for one GEMM shape (from the H100 sweeps in bench/kernels, see docs/kernels.md)."""
     if on_gpu and m >= DENSE_MIN_M:
         return GemmConfig("dense")
     if m <= GEMV_MAX_M:
-        block_m = triton.next_power_of_2(m)
-        kind, block_n, block_k, target = "gemv", 16, 512, 4 * num_sms
-    else:
-        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-        kind, block_n, block_k = "mma", 128 if m >= 32 else 64, 128
-        target = 2 * num_sms if m < 64 else 1
+        tiles = triton.cdiv(n, 16)
+        split = 1 if tiles >= 600 else 2
+        return GemmConfig("gemv", 1, 16, 512, max(1, min(split, k // 1024)), 4, 3, on_gpu)
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_n = 64 if m <= 16 else 128
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    split = max(1, min(triton.cdiv(target, tiles), k // (block_k * 2)))
-    return GemmConfig(kind, block_m, block_n, block_k, split, 4, 3, on_gpu)
+    split = max(1, min(triton.cdiv(6 * num_sms, tiles), 8, k // 256))
+    return GemmConfig("mma", block_m, block_n, 128, split, 4, 3, on_gpu)
 
 
 def nvfp4_dequant(
@@ -429,7 +442,8 @@ def _fused_gemm(x2: torch.Tensor, w: NVFP4KernelWeight, cfg: GemmConfig) -> torc
         for row in range(m):  # GEMV_MAX_M is small: one launch per row, each streaming the weight
             _nvfp4_gemv_kernel[grid](
                 x2[row], w.weight, scales, w.weight_scale_2, dest[..., row, :], n, k, m * n, k_per_split,
-                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_ASM=use_asm, PREFETCH=cfg.prefetch, **launch,
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_ASM=use_asm, PREFETCH=cfg.prefetch,
+                X_BCAST=cfg.x_bcast, **launch,
             )  # fmt: skip
     else:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)

@@ -139,9 +139,9 @@ def _merge_splits_kernel(
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
-    """Enough (sequence, kv head, split) programs to fill the GPU about twice, with >= 256 tokens per split."""
-    want = max(1, math.ceil(2 * num_sms / max(1, batch * num_kv_heads)))
-    return int(min(want, max(1, math.ceil(max_seq_len / 256)), 64))
+    """About 4 (sequence, kv head, split) programs per SM, splits of >= 32 tokens, at most 64 (H100 sweep)."""
+    want = max(1, math.ceil(4 * num_sms / max(1, batch * num_kv_heads)))
+    return int(min(want, max(1, math.ceil(max_seq_len / 32)), 64))
 
 
 def paged_decode_attention(
