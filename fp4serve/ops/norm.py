@@ -1,4 +1,5 @@
-"""RMSNorms of Qwen3.5: the zero-centred `(1 + w)` form and the gated form of the DeltaNet output.
+"""Norms of Qwen3.5: the zero-centred `(1 + w)` RMSNorm, the gated RMSNorm of the DeltaNet output, and the L2 norm
+of the DeltaNet q/k heads.
 
 Two different norms live here on purpose (an easy-to-miss detail of the architecture): every decoder norm, the final
 norm and the attention q/k norms scale by `1 + w` (weights stored around zero), while the DeltaNet output norm scales

@@ -98,3 +98,21 @@ def test_tied_embeddings(tmp_path: Path) -> None:
     pager = Pager(ours, num_seqs=1, max_len=70)
     logits = pager.logits(ours, pager.batch([(0, ids, 0)], all_logits=True))
     assert rel_err(logits, hf_logits(hf, ids)) < TOL
+
+
+def test_one_token_prompts_in_a_decode_shaped_batch(models) -> None:
+    """A step where every sequence has one token but two of them are fresh prompts (no history, garbage in their
+    state slots) takes the decode path and must start those two from zero state."""
+    hf, ours = models
+    prompts = [prompt(3, seed=50), prompt(3, seed=51), prompt(12, seed=52)]
+    refs = [hf_logits(hf, p) for p in prompts]
+    pager = Pager(ours, num_seqs=3, max_len=16)
+    pager.logits(ours, pager.batch([(2, prompts[2][:10], 0)]))
+    errs = []
+    for t in range(2):
+        steps = [(0, prompts[0][t : t + 1], t), (1, prompts[1][t : t + 1], t), (2, prompts[2][10 + t : 11 + t], 10 + t)]
+        batch = pager.batch(steps)
+        assert batch.is_decode_only
+        got = pager.logits(ours, batch)
+        errs += [rel_err(got[0], refs[0][t]), rel_err(got[1], refs[1][t]), rel_err(got[2], refs[2][10 + t])]
+    assert max(errs) < TOL
