@@ -50,4 +50,4 @@ def test_gpu_norms_exact_27b_rows() -> None:
     torch.testing.assert_close(y, y_ref, rtol=2**-7, atol=0)
     xg, zg = x.view(-1, 128), z.view(-1, 128)
     wg = torch.randn(128, device="cuda")
-    torch.testing.assert_close(gated_rmsnorm(xg, zg, wg, 1e-6), gated_rmsnorm_ref(xg, zg, wg, 1e-6), rtol=2**-8, atol=0)
+    torch.testing.assert_close(gated_rmsnorm(xg, zg, wg, 1e-6), gated_rmsnorm_ref(xg, zg, wg, 1e-6), rtol=2**-7, atol=0)

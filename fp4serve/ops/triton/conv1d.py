@@ -48,6 +48,7 @@ def _conv1d_update_kernel(
     w_ptr,
     state_ptr,
     idx_ptr,
+    init_ptr,
     out_ptr,
     C,
     stride_x,
@@ -60,14 +61,16 @@ def _conv1d_update_kernel(
     offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = offs < C
     slot = tl.load(idx_ptr + b).to(tl.int64)
+    # a sequence without initial state reads zeros (and still writes its new state)
+    keep = ok & ((tl.zeros((BLOCK_C,), dtype=tl.int32) + tl.load(init_ptr + b).to(tl.int32)) != 0)
     st = state_ptr + slot * stride_slot + offs * (W - 1)
     x = tl.load(x_ptr + b * stride_x + offs, mask=ok, other=0.0)
     acc = x.to(tl.float32) * tl.load(w_ptr + offs * W + (W - 1), mask=ok, other=0.0).to(tl.float32)
-    prev = tl.load(st, mask=ok, other=0.0)
+    prev = tl.load(st, mask=keep, other=0.0)
     for i in tl.static_range(W - 1):
         acc += prev.to(tl.float32) * tl.load(w_ptr + offs * W + i, mask=ok, other=0.0).to(tl.float32)
         if i + 1 < W - 1:
-            nxt = tl.load(st + i + 1, mask=ok, other=0.0)
+            nxt = tl.load(st + i + 1, mask=keep, other=0.0)
             tl.store(st + i, nxt, mask=ok)
             prev = nxt
     tl.store(st + (W - 2), x.to(state_ptr.dtype.element_ty), mask=ok)
@@ -161,9 +164,14 @@ def _conv1d_state_kernel(
 
 
 def causal_conv1d_update(
-    x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, state_indices: torch.Tensor
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    state_indices: torch.Tensor,
+    has_initial_state: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode step: x [B, C] (one token per sequence) -> silu(conv) [B, C]; shifts conv_state[slot] in place."""
+    """Decode step: x [B, C] (one token per sequence) -> silu(conv) [B, C]; shifts conv_state[slot] in place.
+    `has_initial_state` [B] bool (None = all True): False reads a zero state."""
     bsz, c = x.shape
     w = weight.reshape(c, -1)
     width = w.shape[1]
@@ -171,8 +179,13 @@ def causal_conv1d_update(
     out = torch.empty_like(x)
     block_c = 256
     grid = (bsz, triton.cdiv(c, block_c))
+    init = (
+        torch.ones(bsz, dtype=torch.int8, device=x.device)
+        if has_initial_state is None
+        else has_initial_state.to(torch.int8)
+    )
     _conv1d_update_kernel[grid](
-        x, w.contiguous(), conv_state, state_indices, out, c, x.stride(0), out.stride(0), conv_state.stride(0),
+        x, w.contiguous(), conv_state, state_indices, init, out, c, x.stride(0), out.stride(0), conv_state.stride(0),
         W=width, BLOCK_C=block_c,
     )  # fmt: skip
     return out

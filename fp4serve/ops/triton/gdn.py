@@ -95,7 +95,11 @@ def _gdn_recurrent_kernel(
     K: tl.constexpr,
     V: tl.constexpr,
     BV: tl.constexpr,
+    RAW_GATES: tl.constexpr,
+    QK_L2NORM: tl.constexpr,
 ):
+    # RAW_GATES: a, b are the in_proj outputs (gates computed here); else a = g (log decay), b = beta, fp32.
+    # QK_L2NORM: normalize q and k here; else the caller already did.
     seq = tl.program_id(0).to(tl.int64)
     hv = tl.program_id(1)
     h = hv // REP
@@ -107,18 +111,26 @@ def _gdn_recurrent_kernel(
     st = state_ptr + slot * stride_slot + hv * (K * V) + offs_k[:, None] * V + offs_v[None, :]  # [K, BV]
     keep = (tl.zeros((K, BV), dtype=tl.int32) + tl.load(init_ptr + seq).to(tl.int32)) != 0
     s = tl.load(st, mask=keep, other=0.0)
-    neg_a = -tl.exp(tl.load(alog_ptr + hv).to(tl.float32))
-    dtb = tl.load(dtb_ptr + hv).to(tl.float32)
+    if RAW_GATES:
+        neg_a = -tl.exp(tl.load(alog_ptr + hv).to(tl.float32))
+        dtb = tl.load(dtb_ptr + hv).to(tl.float32)
     for t in range(start, end):
         q = tl.load(q_ptr + t * stride_qt + h * K + offs_k).to(tl.float32)
         k = tl.load(k_ptr + t * stride_kt + h * K + offs_k).to(tl.float32)
-        q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6) * scale
-        k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+        if QK_L2NORM:
+            q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6)
+            k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+        q = q * scale
         v = tl.load(v_ptr + t * stride_vt + hv * V + offs_v).to(tl.float32)
-        x = tl.load(a_ptr + t * stride_at + hv).to(tl.float32) + dtb
-        softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
-        beta = tl.sigmoid(tl.load(b_ptr + t * stride_bt + hv).to(tl.float32))
-        s = s * tl.exp(neg_a * softplus)
+        if RAW_GATES:
+            x = tl.load(a_ptr + t * stride_at + hv).to(tl.float32) + dtb
+            softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+            g = neg_a * softplus
+            beta = tl.sigmoid(tl.load(b_ptr + t * stride_bt + hv).to(tl.float32))
+        else:
+            g = tl.load(a_ptr + t * stride_at + hv).to(tl.float32)
+            beta = tl.load(b_ptr + t * stride_bt + hv).to(tl.float32)
+        s = s * tl.exp(g)
         u = beta * (v - tl.sum(s * k[:, None], axis=0))  # [BV]
         s = s + k[:, None] * u[None, :]
         o = tl.sum(s * q[:, None], axis=0)
@@ -146,6 +158,26 @@ def gdn_recurrent(
 ) -> torch.Tensor:
     """Triton `gdn_recurrent_ref`: q, k [T, H, K], v [T, HV, V] (row-strided views of the conv output are fine),
     a, b [T, HV]; returns o [T, HV, V] in v's dtype and updates ssm_state [slots, HV, K, V] (fp32) in place."""
+    return _recurrent(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices, cu_seqlens, has_initial_state, scale)
+
+
+def _recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    ssm_state: torch.Tensor,
+    state_indices: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    scale: float | None,
+) -> torch.Tensor:
+    raw_gates = A_log is not None
+    if not raw_gates:
+        A_log = dt_bias = a  # unused by the kernel
     t, h, dk = q.shape
     hv, dv = v.shape[1], v.shape[2]
     q = q if _heads_view_ok(q) else q.contiguous()
@@ -166,9 +198,25 @@ def gdn_recurrent(
         q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices, cu_seqlens, has_initial_state.to(torch.int8), out,
         dk**-0.5 if scale is None else scale,
         q.stride(0), k.stride(0), v.stride(0), a.stride(0), b.stride(0), out.stride(0), ssm_state.stride(0),
-        HV=hv, REP=hv // h, K=dk, V=dv, BV=bv, **launch,
+        HV=hv, REP=hv // h, K=dk, V=dv, BV=bv, RAW_GATES=raw_gates, QK_L2NORM=raw_gates, **launch,
     )  # fmt: skip
     return out
+
+
+def gated_delta_rule_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    state_indices: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Same contract as fp4serve.ops.gdn's refs: q, k already L2-normalized, g (log decay) and beta given [T, HV]."""
+    return _recurrent(q, k, v, g, beta, None, None, state, state_indices, cu_seqlens, has_initial_state, scale)
 
 
 def gdn_chunk_prefill(
@@ -186,22 +234,54 @@ def gdn_chunk_prefill(
     scale: float | None = None,
 ) -> torch.Tensor:
     """`gdn_recurrent` semantics through fla-core's chunked kernel (GPU only; needs the fla-core package)."""
+    g, beta = gdn_gates_ref(a, b, A_log, dt_bias)
+    return _chunk_fla(q, k, v, g, beta, ssm_state, cu_seqlens, state_indices, has_initial_state, scale, True)
+
+
+def gated_delta_rule_chunk_fla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    state_indices: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """fp4serve.ops.gdn's contract (q, k already L2-normalized; g, beta given) through fla-core's chunked kernel."""
+    return _chunk_fla(q, k, v, g, beta, state, cu_seqlens, state_indices, has_initial_state, scale, False)
+
+
+def _chunk_fla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    state_indices: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    scale: float | None,
+    qk_l2norm: bool,
+) -> torch.Tensor:
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-    g, beta = gdn_gates_ref(a, b, A_log, dt_bias)
-    init = ssm_state.index_select(0, state_indices.long())
+    init = state.index_select(0, state_indices.long())
     init = torch.where(has_initial_state.view(-1, 1, 1, 1), init, torch.zeros_like(init))
     o, final = chunk_gated_delta_rule(
         q.contiguous().unsqueeze(0),
         k.contiguous().unsqueeze(0),
         v.contiguous().unsqueeze(0),
-        g.unsqueeze(0),
-        beta.unsqueeze(0),
+        g.float().unsqueeze(0),
+        beta.float().unsqueeze(0),
         scale=scale,
         initial_state=init,
         output_final_state=True,
-        use_qk_l2norm_in_kernel=True,
+        use_qk_l2norm_in_kernel=qk_l2norm,
         cu_seqlens=cu_seqlens.long(),
     )
-    ssm_state.index_copy_(0, state_indices.long(), final.to(ssm_state.dtype))
+    state.index_copy_(0, state_indices.long(), final.to(state.dtype))
     return o.squeeze(0).to(v.dtype)
