@@ -12,13 +12,15 @@ from __future__ import annotations
 import torch
 
 
-def mrope_axis_of_frequency(half: int, mrope_section: tuple[int, ...]) -> torch.Tensor:
-    """[half] int64: which position row (0 = T, 1 = H, 2 = W) drives each rotary frequency."""
-    j = torch.arange(half)
-    axis = torch.zeros(half, dtype=torch.int64)
-    for row in (1, 2):
-        axis[(j % 3 == row) & (j < 3 * mrope_section[row])] = row
-    return axis
+def mrope_axis_of_frequency(
+    half: int, mrope_section: tuple[int, ...], device: torch.device | str | None = None
+) -> torch.Tensor:
+    """[half] int64: which position row (0 = T, 1 = H, 2 = W) drives each rotary frequency (built on `device`
+    with tensor ops only, so it can be captured in a CUDA graph)."""
+    j = torch.arange(half, device=device)
+    use_h = (j % 3 == 1) & (j < 3 * mrope_section[1])
+    use_w = (j % 3 == 2) & (j < 3 * mrope_section[2])
+    return torch.where(use_h, 1, torch.where(use_w, 2, 0))
 
 
 def mrope_cos_sin(
@@ -28,7 +30,7 @@ def mrope_cos_sin(
     half = rotary_dim // 2
     device = positions.device
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
-    axis = mrope_axis_of_frequency(half, mrope_section).to(device)
+    axis = mrope_axis_of_frequency(half, mrope_section, device)
     pos = positions.float().index_select(0, axis)  # [half, N]
     freqs = pos.t() * inv_freq  # [N, half]
     return freqs.cos(), freqs.sin()
