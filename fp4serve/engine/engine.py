@@ -5,6 +5,10 @@ rules, free caches) and returns one `RequestOutputDelta` per request that got a 
 the caches (see `memory.py`): on a GPU by profiling a forward of `max_num_batched_tokens` tokens, on CPU from the
 `kv_cache_memory_bytes` budget. The engine is single-threaded on purpose; `AsyncEngine` drives it from one
 background thread for the server, and `LLM` drives it in a loop for offline use.
+
+A checkpoint with a vision tower (config.json `vision_config` plus `model.visual.*` tensors) also gets the tower,
+unquantized: BF16 on a GPU, the engine dtype on CPU. Requests then may carry a `MultimodalPrompt` (`mm_inputs`),
+whose media the runner encodes once, before the first chunk that needs them.
 """
 
 from __future__ import annotations
@@ -72,9 +76,11 @@ class Engine:
         tokenizer: Tokenizer | None = None,
         max_position_embeddings: int | None = None,
         memory_baseline: MemorySnapshot | None = None,
+        visual: Any = None,
     ) -> None:
         self.config = config
         self.model = model
+        self.visual = visual
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = torch.device(config.resolved_device())
@@ -93,6 +99,7 @@ class Engine:
             seed=config.seed,
             eos_token_ids=self.eos_token_ids,
             vocab_size=tokenizer.vocab_size if tokenizer is not None else None,
+            visual=visual,
         )
         plan = plan_cache(
             budget_bytes=self._cache_budget(memory_baseline),
@@ -129,6 +136,7 @@ class Engine:
     def from_pretrained(cls, path: str | Path, config: EngineConfig) -> Engine:
         """Load the model at `path` (BF16 or NVFP4) and its tokenizer, and size the caches around the model."""
         from fp4serve.model.loader import load_model
+        from fp4serve.model.vision import has_vision_tower, load_vision_model
 
         path = Path(path)
         tokenizer = Tokenizer.from_dir(path)
@@ -136,6 +144,11 @@ class Engine:
         baseline = MemorySnapshot.take(device) if device.type == "cuda" else None
         dtype = getattr(torch, config.resolved_dtype_name(device.type))
         model = load_model(path, device=device, dtype=dtype, linear_mode=config.linear_mode)
+        visual = None
+        if has_vision_tower(path):
+            # never quantized; BF16 is the checkpoint's own precision on a GPU, CPU runs the engine dtype
+            visual_dtype = torch.bfloat16 if device.type == "cuda" else dtype
+            visual = load_vision_model(path, device=device, dtype=visual_dtype)
         return cls(
             model,
             config,
@@ -143,6 +156,7 @@ class Engine:
             tokenizer=tokenizer,
             max_position_embeddings=read_max_position_embeddings(path),
             memory_baseline=baseline,
+            visual=visual,
         )
 
     def _cache_budget(self, baseline: MemorySnapshot | None) -> int:
@@ -180,6 +194,8 @@ class Engine:
             bad = next(t for t in prompt if not 0 <= t < self.vocab_size)
             raise ValueError(f"token id {bad} is out of vocabulary (size {self.vocab_size})")
         params.validate(vocab_size=self.vocab_size)
+        if mm_inputs is not None:
+            self._check_mm_inputs(prompt, mm_inputs)
         request = Request(request_id, prompt, params, arrival_index=self._arrivals, mm_inputs=mm_inputs)
         self._arrivals += 1
         self.scheduler.add_request(request)
@@ -188,6 +204,12 @@ class Engine:
                 IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
                 StopStringMatcher.from_params(params),
             )
+
+    def _check_mm_inputs(self, prompt: list[int], mm_inputs: Any) -> None:
+        if mm_inputs.items and self.visual is None:
+            raise ValueError("this model has no vision tower: image and video input is not supported")
+        if list(mm_inputs.token_ids) != prompt:
+            raise ValueError("prompt_token_ids must be the multimodal prompt's expanded ids (mm_inputs.token_ids)")
 
     def abort(self, request_id: str) -> bool:
         """Abort a waiting or running request; its final delta (finish_reason "abort") comes with the next step."""

@@ -5,12 +5,18 @@ The runner owns everything with tensors in it: the cache tensors (allocated thro
 keeps the plain path; eager is the ground truth). The batch is built on the host as flat Python lists, one entry
 per scheduled request, and copied to the device once. Positions are `[3, N]` MRoPE rows: all equal to the token
 index for text, sliced from the request's precomputed rows when it carries images.
+
+Images and videos: the first step that schedules a chunk holding a request's placeholder tokens runs the vision
+tower once over all of that request's media (every such request of the step in one call) and keeps the feature
+rows, keyed by request id; each chunk then takes the rows of its own placeholders (`feature_slice`, offset into
+the flat batch). The rows are dropped as soon as the prefill has passed the last placeholder, and when the
+request finishes, is aborted or is preempted; a recompute after preemption simply encodes again.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -33,8 +39,17 @@ def _token_positions(request: Request, start: int, end: int) -> list[list[int]]:
     if request.mm_inputs is None:
         row = list(range(start, end))
         return [row, row, row]
-    # TODO(multimodal wiring, lead/helper V): also encode the media and pass mm_embeds / mm_token_rows
     return request.mm_inputs.positions_for(start, end).tolist()
+
+
+def _has_media(request: Request) -> bool:
+    return request.mm_inputs is not None and bool(request.mm_inputs.items)
+
+
+def _placeholders_in(request: Request, start: int, end: int) -> bool:
+    """Whether prompt tokens start..end−1 of the request hold image/video placeholders."""
+    positions = request.mm_inputs.mm_token_positions
+    return bool(positions.numel()) and start <= int(positions[-1]) and end > int(positions[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +90,12 @@ class ModelRunner:
         seed: int = 0,
         eos_token_ids: tuple[int, ...] = (),
         vocab_size: int | None = None,
+        visual: Any = None,
     ) -> None:
         self.model = model
+        # the vision tower (None for text-only models); feature rows of requests whose prefill still needs them
+        self.visual = visual
+        self._mm_features: dict[str, torch.Tensor] = {}
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
@@ -96,8 +115,50 @@ class ModelRunner:
         self.pad_slot = plan.num_slots - 1
 
     def release(self, request_id: str) -> None:
-        """Forget a finished request's random generator."""
+        """Forget a finished request's random generator and any vision features it still holds."""
         self._generators.pop(request_id, None)
+        self._mm_features.pop(request_id, None)
+
+    @property
+    def num_held_features(self) -> int:
+        """Requests whose vision feature rows are held (for tests and stats)."""
+        return len(self._mm_features)
+
+    def encode_media(self, batch: ScheduledBatch) -> None:
+        """Run the vision tower for every scheduled request that reaches its placeholders without features."""
+        for request in batch.preempted:
+            self._mm_features.pop(request.request_id, None)
+        todo = [
+            e.request
+            for e in batch.entries
+            if _has_media(e.request)
+            and e.request.request_id not in self._mm_features
+            and _placeholders_in(e.request, e.start, e.start + e.num_tokens)
+        ]
+        if not todo:
+            return
+        if self.visual is None:
+            raise ValueError("this model has no vision tower, so it cannot take image or video input")
+        param = next(self.visual.parameters())
+        pixels = torch.cat([r.mm_inputs.pixel_values for r in todo]).to(device=param.device, dtype=param.dtype)
+        grids = torch.cat([r.mm_inputs.grid_thw for r in todo])
+        feats = self.visual(pixels, grids)  # [M_total, hidden], placeholder order, request after request
+        counts = [int(r.mm_inputs.mm_token_positions.numel()) for r in todo]
+        assert feats.shape[0] == sum(counts), "vision rows must match the placeholder tokens"
+        for request, rows in zip(todo, feats.split(counts), strict=True):
+            self._mm_features[request.request_id] = rows
+
+    def _mm_rows(self, request: Request, start: int, end: int, offset: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(feature rows, their rows in the flat batch) for the placeholders among prompt tokens start..end−1."""
+        if not _has_media(request) or not _placeholders_in(request, start, end):
+            return None
+        mm = request.mm_inputs
+        rows, taken = mm.feature_slice(start, min(end, mm.num_tokens))
+        feats = self._mm_features[request.request_id][taken]
+        if end > int(mm.mm_token_positions[-1]):
+            # the last placeholder runs now: later chunks and decode steps never need the features again
+            del self._mm_features[request.request_id]
+        return feats, rows + offset
 
     def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
         input_ids: list[int] = []
@@ -109,9 +170,16 @@ class ModelRunner:
         state_indices: list[int] = []
         logits_indices: list[int] = []
         tables: list[list[int]] = []
+        mm_embeds: list[torch.Tensor] = []
+        mm_rows: list[torch.Tensor] = []
+        self.encode_media(batch)
         for entry in batch.entries:
             request, start, n = entry.request, entry.start, entry.num_tokens
             end = start + n
+            mm = self._mm_rows(request, start, end, len(input_ids))
+            if mm is not None:
+                mm_embeds.append(mm[0])
+                mm_rows.append(mm[1])
             input_ids.extend(request.token_ids[start:end])
             for row, pos in zip(positions, _token_positions(request, start, end), strict=True):
                 row.extend(pos)
@@ -124,8 +192,15 @@ class ModelRunner:
             tables.append(request.block_table[: blocks_needed(end, self.block_size)])
             if entry.sample:
                 logits_indices.append(cu_seqlens[-1] - 1)
-        return self._to_device(
+        forward_batch = self._to_device(
             input_ids, positions, slots, cu_seqlens, context_lens, query_lens, state_indices, tables, logits_indices
+        )
+        if not mm_embeds:
+            return forward_batch
+        return replace(
+            forward_batch,
+            mm_embeds=torch.cat(mm_embeds),
+            mm_token_rows=torch.cat(mm_rows).to(self.device, non_blocking=True),
         )
 
     def _to_device(

@@ -270,6 +270,19 @@ def read_vision_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def has_vision_tower(path: str | Path) -> bool:
+    """Whether a checkpoint directory has a vision tower: a `vision_config` and `model.visual.*` tensors."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config.get("vision_config"), dict):
+        return False
+    with CheckpointReader(path) as reader:
+        return any(name.startswith(("model.visual.", "visual.")) for name in reader.names())
+
+
 def load_vision_model(
     path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16
 ) -> Qwen35VisionModel:
