@@ -25,6 +25,7 @@ from fp4serve.checkpoint.quant_config import QuantConfig
 from fp4serve.checkpoint.safetensors_io import CheckpointReader
 from fp4serve.checkpoint.validate import validate_nvfp4_tensors
 from fp4serve.model.config import Qwen35TextConfig
+from fp4serve.model.embedding import NVFP4Embedding
 from fp4serve.model.linear import NVFP4Linear
 from fp4serve.model.qwen3_5 import Qwen35ForCausalLM
 
@@ -68,6 +69,10 @@ def load_model(
 
     with torch.device("meta"):
         model = Qwen35ForCausalLM(config, make_linear=make_linear, dtype=dtype)
+        embed = checkpoint_name("model.embed_tokens")
+        if quant is not None and not quant.is_excluded(embed) and f"{embed}.weight_scale" in reader:
+            # an NVFP4 token embedding (vLLM's `nvfp4_embed`), also the tied lm_head
+            model.model.embed_tokens = NVFP4Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
     targets = _plan(model, reader, checkpoint_name, config.tie_word_embeddings, linear_mode, visual_loader)
     model.to_empty(device=device)
     params = dict(model.named_parameters()) | dict(model.named_buffers())
@@ -111,12 +116,14 @@ def _plan(
     # NVFP4 Linears: dtypes, shapes and scale values through the checkpoint package's validator
     nvfp4 = {}
     for ours, module in model.named_modules():
-        if isinstance(module, NVFP4Linear):
+        if isinstance(module, (NVFP4Linear, NVFP4Embedding)):
             prefix = checkpoint_name(ours)
             nvfp4[prefix] = module
+            # an embedding has no activation scale in any mode
+            needs_input_scale = linear_mode == "w4a4" and isinstance(module, NVFP4Linear)
             try:
                 validate_nvfp4_tensors(
-                    prefix, reader, module.out_features, module.in_features, require_input_scale=linear_mode == "w4a4"
+                    prefix, reader, module.out_features, module.in_features, require_input_scale=needs_input_scale
                 )
             except ValueError as e:
                 problems.append(str(e))

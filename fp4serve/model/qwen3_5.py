@@ -21,6 +21,7 @@ from torch import nn
 
 from fp4serve.engine.batch import ForwardBatch, ModelCache
 from fp4serve.model.config import Qwen35TextConfig
+from fp4serve.model.embedding import NVFP4Embedding
 from fp4serve.ops.activation import silu_and_mul
 from fp4serve.ops.attention import paged_attention, store_kv
 from fp4serve.ops.conv1d import causal_conv1d, causal_conv1d_update
@@ -282,7 +283,10 @@ class Qwen35ForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [R, hidden] (the rows whose next token is wanted) → logits [R, vocab] float32."""
         if self.lm_head is None:
-            return F.linear(hidden, self.model.embed_tokens.weight).float()
+            embed = self.model.embed_tokens
+            if isinstance(embed, NVFP4Embedding):
+                return embed.logits(hidden).float()
+            return F.linear(hidden, embed.weight).float()
         return self.lm_head(hidden).float()
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:

@@ -94,8 +94,11 @@ def load_layer(layer: DecoderLayer, reader: CheckpointReader, prefix: str) -> di
     return source
 
 
-def prefill_batch(num_seqs: int, seq_len: int, device: torch.device | str) -> ForwardBatch:
-    """`num_seqs` fresh sequences of `seq_len` tokens each (ids filled in later by the caller: only hidden states)."""
+def prefill_batch(
+    num_seqs: int, seq_len: int, device: torch.device | str, input_ids: torch.Tensor | None = None
+) -> ForwardBatch:
+    """`num_seqs` fresh sequences of `seq_len` tokens each; input_ids [num_seqs * seq_len] (zeros when None: a
+    layer-by-layer run feeds hidden states, not ids)."""
     blocks_per_seq = math.ceil(seq_len / CACHE_BLOCK_SIZE)
     pos = torch.arange(seq_len, device=device)
     seq = torch.arange(num_seqs, device=device)
@@ -103,7 +106,11 @@ def prefill_batch(num_seqs: int, seq_len: int, device: torch.device | str) -> Fo
     tables = torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32, device=device).view(num_seqs, blocks_per_seq)
     lens = (seq_len,) * num_seqs
     return ForwardBatch(
-        input_ids=torch.zeros(num_seqs * seq_len, dtype=torch.int64, device=device),
+        input_ids=(
+            torch.zeros(num_seqs * seq_len, dtype=torch.int64, device=device)
+            if input_ids is None
+            else input_ids.reshape(-1).to(device=device, dtype=torch.int64)
+        ),
         positions=pos.repeat(num_seqs).expand(3, -1).contiguous(),
         cu_seqlens=(torch.arange(num_seqs + 1, device=device) * seq_len).to(torch.int32),
         context_lens=torch.zeros(num_seqs, dtype=torch.int32, device=device),
