@@ -101,7 +101,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: request defaults from the model's generation_config.json; vllm: built-in defaults",
     )
-    api.add_argument("--allow-http-media", action="store_true", help="let requests fetch images from http(s) URLs")
+    api.add_argument(
+        "--allow-http-media", action="store_true", help="let requests fetch images and videos from http(s) URLs"
+    )
+    api.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        metavar="DIR",
+        help="let requests read images and videos from files under DIR (paths or file:// URLs)",
+    )
     api.add_argument("--enable-force-include-usage", action="store_true", help="usage on every streamed response")
     api.add_argument(
         "--exclude-tools-when-tool-choice-none",
@@ -240,6 +248,7 @@ def build_settings(args: argparse.Namespace, model_dir: Path, is_demo: bool) -> 
         max_waiting_requests=args.max_waiting_requests or None,
         max_logprobs=args.max_logprobs,
         allow_http_media=args.allow_http_media,
+        allowed_local_media_path=args.allowed_local_media_path,
         enable_force_include_usage=args.enable_force_include_usage,
         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
         version=__version__,

@@ -210,6 +210,12 @@ def preprocess_image(image: PIL.Image.Image | np.ndarray, cfg: MediaConfig) -> M
     return MediaItem("image", _patchify(frames, cfg), grid)
 
 
+def image_token_count(image: PIL.Image.Image, cfg: MediaConfig) -> int:
+    """Placeholder tokens the image will take (after smart_resize and the 2×2 merge), without resizing it."""
+    h, w = smart_resize(image.height, image.width, cfg.factor, cfg.image_min_pixels, cfg.image_max_pixels)
+    return (h // cfg.factor) * (w // cfg.factor)
+
+
 def sample_frame_indices(total: int, source_fps: float | None, cfg: MediaConfig) -> list[int]:
     """Uniformly spaced frame indices at `cfg.video_fps`, clamped to [min_frames, max_frames] and to the clip."""
     if source_fps is None:

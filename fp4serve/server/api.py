@@ -18,7 +18,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fp4serve.server.chat import render_chat
-from fp4serve.server.chat_serving import full_chat, plan_chat, stream_chat
+from fp4serve.server.chat_serving import full_chat, plan_chat_async, stream_chat
 from fp4serve.server.completion_serving import full_completion, plan_completion, stream_completion
 from fp4serve.server.errors import APIError, bad_request, error_body, from_validation_error, install_handlers
 from fp4serve.server.protocol import (
@@ -161,7 +161,7 @@ def build_app(state: ServerState) -> FastAPI:
         req = validate(ChatCompletionRequest, await read_json(request))
         if state.template is None:
             raise bad_request("this model has no chat template; use /v1/completions")
-        run = plan_chat(state, req)
+        run = await plan_chat_async(state, req)
         if request.headers.get("x-request-id"):
             run.request_id = f"chatcmpl-{request.headers['x-request-id']}"
         return await _respond(request, state, run, full_chat, stream_chat, bool(req.stream))

@@ -3,7 +3,8 @@
 Before the template runs, messages are normalised as vLLM does (`chat_template.prepare_openai_messages`: JSON-string
 tool-call arguments become dicts, reasoning is also handed over as `reasoning_content`) and tools are passed as
 their full dumps (a missing description renders as null). Content parts stay lists, so images and text stay inline
-where the template puts them (spec §12b).
+where the template puts them (spec §12b); each image/video part is handed over as a bare `{"type": "image"}` /
+`{"type": "video"}`, as vLLM does, so `video_url` parts render too and no media payload passes through the template.
 
 Whether the model starts inside a think block is read from the rendered prompt (spec §12b: did the prompt's last
 think tag open or close?), never from `enable_thinking` alone. `required` and named `tool_choice` cannot be enforced
@@ -21,6 +22,7 @@ from typing import Any
 from fp4serve.chat_template import prepare_openai_messages
 from fp4serve.parsers import thinking_from_prompt
 from fp4serve.server.errors import bad_request
+from fp4serve.server.media import placeholder_parts
 from fp4serve.server.protocol import ChatMessage, NamedToolChoice, Tool
 
 THINK_CLOSE = "</think>"
@@ -66,6 +68,9 @@ def render_chat(
     """Render `messages` with `template` (a `ChatTemplate`); template errors become 400."""
     try:
         prepared = prepare_openai_messages([message.model_dump() for message in messages])
+        for message in prepared:
+            if isinstance(message.get("content"), list):
+                message["content"] = placeholder_parts(message["content"])
         prompt = template.render(
             prepared,
             tools=prepare_tools(tools) if render_tools else None,

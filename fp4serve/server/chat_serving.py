@@ -5,10 +5,15 @@ one-shot `parse_reasoning` / `parse_tool_calls` for a whole response, `ChatStrea
 agree for every split of the text, so streaming and non-streaming clients see the same reasoning, content and
 calls. Logprobs of steps whose text the parser holds back are carried to the next chunk that goes out, so a stream
 always carries one logprob entry per generated token.
+
+Requests with images or videos are planned in a worker thread (`plan_chat_async`): decoding and resizing media
+must not block the event loop. Their MRoPE positions and pixels travel with each choice's engine request, and the
+engine runs the vision tower once per request before prefill reaches the placeholders.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -120,7 +125,9 @@ def plan_chat(state: Any, req: ChatCompletionRequest) -> ChatRun:
         raise bad_request("the rendered prompt is empty", param="messages")
     mm_inputs = None
     if images or videos:
-        mm_inputs = multimodal_input(state, prompt_ids, images, videos)
+        mm_inputs = multimodal_input(
+            state, prompt_ids, images, videos, max_model_len=state.max_model_len, max_new_tokens=req.max_new_tokens
+        )
         prompt_ids = list(mm_inputs.token_ids)
     budget = token_budget(
         len(prompt_ids), req.max_new_tokens, state.max_model_len, state.generation_config.get("max_new_tokens")
@@ -174,6 +181,14 @@ def plan_chat(state: Any, req: ChatCompletionRequest) -> ChatRun:
         mm_inputs=mm_inputs,
         echo=_echo_text(req),
     )
+
+
+async def plan_chat_async(state: Any, req: ChatCompletionRequest) -> ChatRun:
+    """`plan_chat`, in a worker thread when the messages carry images or videos (decoding and resizing are heavy)."""
+    images, videos = collect_media(req.messages)
+    if images or videos:
+        return await asyncio.to_thread(plan_chat, state, req)
+    return plan_chat(state, req)
 
 
 def _echo_text(req: ChatCompletionRequest) -> str:

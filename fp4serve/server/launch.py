@@ -37,7 +37,7 @@ def build_state(
         template = None
     defaults = GenerationDefaults.from_dir(model_dir).as_dict() if use_generation_config else {}
     vocab_size = engine.vocab_size or tokenizer.vocab_size
-    media_config, vision_ids = _vision(model_dir, settings)
+    media_config, vision_ids = _vision(model_dir, settings, has_vision=getattr(engine, "visual", None) is not None)
     return ServerState(
         settings,
         AsyncEngine(engine),
@@ -51,15 +51,20 @@ def build_state(
     )
 
 
-def _vision(model_dir: Path, settings: ServerSettings) -> tuple[object, object]:
-    """Media preprocessing settings and vision token ids, for a checkpoint with a vision tower."""
-    config = json.loads((model_dir / "config.json").read_text())
-    if "vision_config" not in config:
+def _vision(model_dir: Path, settings: ServerSettings, *, has_vision: bool) -> tuple[object, object]:
+    """Media preprocessing settings and vision token ids when the engine loaded a vision tower; else (None, None)."""
+    if not has_vision:
         return None, None
     from fp4serve.model.media import MediaConfig
     from fp4serve.model.multimodal import VisionTokenIds
 
-    return MediaConfig.from_dir(model_dir, allow_http=settings.allow_http_media), VisionTokenIds.from_config(config)
+    config = json.loads((model_dir / "config.json").read_text())
+    media = MediaConfig.from_dir(
+        model_dir,
+        allow_http=settings.allow_http_media,
+        allowed_local_media_path=settings.allowed_local_media_path,
+    )
+    return media, VisionTokenIds.from_config(config)
 
 
 def serve_forever(

@@ -7,6 +7,7 @@ factory; the engine's own knobs (and the parsing of `32k` / `8GiB` spellings) li
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 SUPPORTED_TOOL_PARSERS = ("qwen3_coder",)
 SUPPORTED_REASONING_PARSERS = ("qwen3",)
@@ -26,6 +27,8 @@ class ServerSettings:
     max_waiting_requests: int | None = None
     max_logprobs: int = MAX_LOGPROBS
     allow_http_media: bool = False
+    # directory whose files requests may name as images/videos (paths or file:// URLs); None: no local files
+    allowed_local_media_path: str | None = None
     enable_force_include_usage: bool = False
     exclude_tools_when_tool_choice_none: bool = False
     version: str = ""
@@ -47,6 +50,8 @@ class ServerSettings:
             raise ValueError("--enable-auto-tool-choice requires --tool-call-parser (supported: qwen3_coder)")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
             raise ValueError(f"--max-waiting-requests must be >= 0, got {self.max_waiting_requests}")
+        if self.allowed_local_media_path is not None and not Path(self.allowed_local_media_path).is_dir():
+            raise ValueError(f"--allowed-local-media-path {self.allowed_local_media_path!r} is not a directory")
         if self.max_logprobs < 0:
             raise ValueError(f"--max-logprobs must be >= 0, got {self.max_logprobs}")
 

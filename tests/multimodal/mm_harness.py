@@ -3,8 +3,8 @@
 `build_checkpoints` makes a random transformers `Qwen3_5ForConditionalGeneration` (tiny text and vision configs, the
 real Qwen3.5 vocabulary so the real tokenizer and chat template work) and writes it twice:
 - `fp32/`: the float32 checkpoint, the model transformers is compared against;
-- `nvfp4/`: the text part quantized to NVFP4 (ModelOpt's NVFP4_DEFAULT_CFG, calibrated on random text, written by
-  `export_hf_checkpoint`), the vision tower left BF16 (ModelOpt excludes `model.visual*`).
+- `nvfp4/`: its BF16 copy quantized by our own `fp4serve quantize` (default recipe, a few Austen windows): NVFP4
+  text Linears, the vision tower left BF16.
 Both carry the tokenizer, the chat template, generation_config.json and small pixel budgets in the preprocessor
 configs, so test images stay a handful of tokens.
 """
@@ -12,11 +12,14 @@ configs, so test images stay a handful of tokens.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import io
 import json
 import shutil
-import warnings
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+
+from fp4serve.cli import main as cli_main
 
 VOCAB = 248320
 IM_END = 248046
@@ -84,23 +89,12 @@ def build_hf_model() -> Any:
     return model
 
 
-def _export_nvfp4(model: Any, dest: Path) -> None:
-    """ModelOpt NVFP4 (W4A4 scales, the default config) of the text part; `model.visual*` stays BF16."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import modelopt.torch.quantization as mtq
-        from modelopt.torch.export import export_hf_checkpoint
-
-    def calibrate(m: torch.nn.Module) -> None:
-        g = torch.Generator().manual_seed(1)
-        m(input_ids=torch.randint(0, 240000, (1, 16), generator=g))
-
-    # calibrated in float32 (CPU BF16 kernels are slow), written as BF16 + NVFP4
-    quantized = copy.deepcopy(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mtq.quantize(quantized, mtq.NVFP4_DEFAULT_CFG, calibrate)
-        export_hf_checkpoint(quantized, dtype=torch.bfloat16, export_dir=dest)
+def _quantize(source: Path, dest: Path, calib: Path) -> None:
+    """`fp4serve quantize` (the default recipe: NVFP4 text, `model.visual*` kept BF16) on a few short windows."""
+    argv = ["quantize", str(source), "--output", str(dest), "--calib-data", str(calib), "--calib-samples", "4",
+            "--calib-seq-len", "32", "--device", "cpu", "--no-progress"]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli_main(argv) == 0
 
 
 def build_checkpoints(root: Path, shared: Path) -> Checkpoints:
@@ -108,9 +102,12 @@ def build_checkpoints(root: Path, shared: Path) -> Checkpoints:
     fp32 = root / "fp32"
     model.save_pretrained(fp32)
     _side_files(shared, fp32)
+    # the quantizer's input is what a real one is: a BF16 checkpoint
+    bf16 = root / "bf16"
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(bf16)
+    _side_files(shared, bf16)
     nvfp4 = root / "nvfp4"
-    _export_nvfp4(model, nvfp4)
-    _side_files(shared, nvfp4)
+    _quantize(bf16, nvfp4, shared / "corpus" / "austen" / "persuasion.txt")
     return Checkpoints(fp32, nvfp4, model)
 
 
@@ -123,3 +120,36 @@ def data_url(image: PIL.Image.Image, fmt: str = "PNG") -> str:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@dataclass
+class LiveServer:
+    url: str
+    state: Any
+    server: Any
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def start_server(state: Any) -> LiveServer:
+    """The real app on a free port, served by uvicorn in a thread."""
+    import uvicorn
+
+    from fp4serve.server.api import build_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(state), log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    return LiveServer(f"http://127.0.0.1:{port}", state, server, thread)
