@@ -28,6 +28,9 @@ from fp4serve.engine.request import Request
 from fp4serve.engine.scheduler import ScheduledBatch
 from fp4serve.sampling import Sampler, SamplerOutput, SamplingParams, make_generator
 
+# patch rows per vision-tower call: one image at Qwen3.5's largest size (16.7M pixels); also what the GPU profile runs
+ENCODER_BATCH_PATCHES = 65536
+
 
 @dataclass(frozen=True, slots=True)
 class StepOutput:
@@ -91,10 +94,12 @@ class ModelRunner:
         eos_token_ids: tuple[int, ...] = (),
         vocab_size: int | None = None,
         visual: Any = None,
+        encoder_batch_patches: int = ENCODER_BATCH_PATCHES,
     ) -> None:
         self.model = model
         # the vision tower (None for text-only models); feature rows of requests whose prefill still needs them
         self.visual = visual
+        self.encoder_batch_patches = encoder_batch_patches
         self._mm_features: dict[str, torch.Tensor] = {}
         self.device = device
         self.dtype = dtype
@@ -139,14 +144,33 @@ class ModelRunner:
             return
         if self.visual is None:
             raise ValueError("this model has no vision tower, so it cannot take image or video input")
+        # items are independent in the tower (attention never crosses one), so they are grouped across requests
+        # into calls of at most `encoder_batch_patches` patch rows; a bigger item runs alone
+        pieces: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in todo}
+        group: list[tuple[str, Any]] = []
+        size = 0
+        for request in todo:
+            for item in request.mm_inputs.items:
+                rows = int(item.pixel_values.shape[0])
+                if group and size + rows > self.encoder_batch_patches:
+                    self._encode_group(group, pieces)
+                    group, size = [], 0
+                group.append((request.request_id, item))
+                size += rows
+        self._encode_group(group, pieces)
+        for request in todo:
+            feats = torch.cat(pieces[request.request_id])  # [M, hidden] in placeholder order
+            assert feats.shape[0] == request.mm_inputs.mm_token_positions.numel(), "one vision row per placeholder"
+            self._mm_features[request.request_id] = feats
+
+    def _encode_group(self, group: list[tuple[str, Any]], pieces: dict[str, list[torch.Tensor]]) -> None:
         param = next(self.visual.parameters())
-        pixels = torch.cat([r.mm_inputs.pixel_values for r in todo]).to(device=param.device, dtype=param.dtype)
-        grids = torch.cat([r.mm_inputs.grid_thw for r in todo])
-        feats = self.visual(pixels, grids)  # [M_total, hidden], placeholder order, request after request
-        counts = [int(r.mm_inputs.mm_token_positions.numel()) for r in todo]
-        assert feats.shape[0] == sum(counts), "vision rows must match the placeholder tokens"
-        for request, rows in zip(todo, feats.split(counts), strict=True):
-            self._mm_features[request.request_id] = rows
+        pixels = torch.cat([item.pixel_values for _, item in group]).to(device=param.device, dtype=param.dtype)
+        feats = self.visual(pixels, [item.grid_thw for _, item in group])  # [sum of tokens, hidden]
+        merge = self.visual.config.spatial_merge_size
+        counts = [item.num_tokens(merge) for _, item in group]
+        for (request_id, _), rows in zip(group, feats.split(counts), strict=True):
+            pieces[request_id].append(rows)
 
     def _mm_rows(self, request: Request, start: int, end: int, offset: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(feature rows, their rows in the flat batch) for the placeholders among prompt tokens start..end−1."""
@@ -303,3 +327,16 @@ class ModelRunner:
         params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=20)] * num_seqs
         self.sampler.sample(logits, params, [[0]] * num_seqs, [[]] * num_seqs)
         del cache, hidden, logits
+        if self.visual is not None:
+            self.profile_encoder()
+
+    @torch.inference_mode()
+    def profile_encoder(self) -> None:
+        """One vision-tower call at the group budget: a square image of `encoder_batch_patches` patches."""
+        cfg = self.visual.config
+        merge = cfg.spatial_merge_size
+        side = max(merge, int(self.encoder_batch_patches**0.5) // merge * merge)
+        param = next(self.visual.parameters())
+        pixels = torch.zeros(side * side, cfg.patch_dim, device=param.device, dtype=param.dtype)
+        feats = self.visual(pixels, [(1, side, side)])
+        del pixels, feats

@@ -20,9 +20,12 @@ from mm_harness import IM_END, random_image
 from fp4serve.chat_template import ChatTemplate
 from fp4serve.config import EngineConfig
 from fp4serve.engine.engine import Engine
+from fp4serve.engine.request import Request
+from fp4serve.engine.runner import ModelRunner
+from fp4serve.engine.scheduler import ScheduledBatch, ScheduledRequest
 from fp4serve.model.loader import load_model
 from fp4serve.model.media import MediaConfig, image_item, preprocess_video
-from fp4serve.model.multimodal import MultimodalPrompt, VisionTokenIds, build_multimodal_prompt
+from fp4serve.model.multimodal import MultimodalPrompt, VisionTokenIds, build_multimodal_prompt, encode_media
 from fp4serve.model.vision import load_vision_model
 from fp4serve.sampling import SamplingParams
 from fp4serve.tokenizer import Tokenizer
@@ -207,3 +210,25 @@ def test_engine_refuses_media_without_a_vision_tower(loaded, prompts):
         engine.add_request("r", mm.token_ids, SamplingParams(max_tokens=1), mm_inputs=mm)
     with pytest.raises(ValueError, match="expanded ids"):
         make_engine(model, loaded[1]).add_request("r", mm.token_ids[:-1], SamplingParams(max_tokens=1), mm_inputs=mm)
+
+
+def test_encoder_groups_media_items_under_the_patch_budget(loaded, prompts):
+    model, visual = loaded
+    runner = ModelRunner(model, device=torch.device("cpu"), dtype=F32, block_size=16, visual=visual,
+                         encoder_batch_patches=40)  # fmt: skip
+    params = SamplingParams(max_tokens=1)
+    requests = [Request(name, mm.token_ids, params, mm_inputs=mm) for name, mm in prompts.items()]
+    calls: list[int] = []
+    handle = visual.register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
+    try:
+        runner.encode_media(ScheduledBatch(tuple(ScheduledRequest(r, 0, r.num_tokens, False) for r in requests)))
+        # images of 24 and 16 patch rows fill one call of 40; the video's 32 rows need a second
+        assert calls == [(24 + 16) // 4, 32 // 4]
+        for request in requests:
+            alone = encode_media(visual, request.mm_inputs)
+            torch.testing.assert_close(runner._mm_features[request.request_id], alone, rtol=1e-5, atol=1e-5)
+        calls.clear()
+        runner.profile_encoder()
+        assert calls == [6 * 6 // 4]  # the largest square grid within 40 patches, in merge blocks
+    finally:
+        handle.remove()
