@@ -12,15 +12,27 @@ weight only while the layer lives on the CPU (small demo models, where speed mat
 memory-lean on GPUs (where FP4 kernels will replace the dequantize). True/False force it either way. The cache is a
 plain attribute, not a buffer: it never enters the state dict, and it is rebuilt whenever a buffer is replaced or
 written in place (tracked through the tensors' identity and version counters), or the dtype/device changes.
+
+GPU kernel weight: for CUDA bf16/fp16 activations in `w4a16` mode the forward runs the Triton NVFP4 GEMM, which reads
+the packed bytes in its own "half-split" order. The first such forward repacks the `weight` buffer in place (same
+size, so GPU memory stays at 4.5 bits per weight; no second copy) and remembers the buffer's identity and version.
+Whatever needs the checkpoint's packing gets it back: `dequantized_weight`, the reference path (W4A4, other
+dtypes), `state_dict()` (converted on the way out), and moving the module (`.to()`, `.cpu()`, ... restore the
+checkpoint packing first). Writing the buffer (`load_quantized`, `load_state_dict`, an in-place copy by a loader)
+bumps its version, which marks it as checkpoint-packed again. The repack must happen outside CUDA-graph capture
+(the runner's warm-up forward does it).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp4serve.ops.nvfp4 import nvfp4_linear
+from fp4serve.ops.nvfp4 import checkpoint_packing, kernel_eligible, nvfp4_linear, prepare_kernel_weight
 from fp4serve.quant.nvfp4 import BLOCK_SIZE, NVFP4Weight, dequantize_weight, quant_dequant_activation
 
 LINEAR_MODES = ("w4a16", "w4a4")
@@ -62,6 +74,9 @@ class NVFP4Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
         self._cache: torch.Tensor | None = None
         self._cache_key: tuple | None = None
+        # set while `weight` holds the kernels' half-split packing (see the module docstring)
+        self._kernel: Any = None
+        self._kernel_key: tuple | None = None
 
     @classmethod
     def from_quantized(
@@ -118,6 +133,7 @@ class NVFP4Linear(nn.Module):
                     f"{list(tensor.shape)}"
                 )
             getattr(self, name).copy_(tensor.reshape(shape))
+        self._kernel = None
         if bias is not None:
             if self.bias is None or tuple(bias.shape) != (n,):
                 raise ValueError(f"NVFP4Linear bias: expected shape [{n}] on a layer built with bias=True")
@@ -125,7 +141,57 @@ class NVFP4Linear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as a dense [out_features, in_features] tensor in `dtype` (default: the layer dtype)."""
-        return dequantize_weight(self.weight, self.weight_scale, self.weight_scale_2, dtype=dtype or self.dtype)
+        return dequantize_weight(
+            self.checkpoint_weight(), self.weight_scale, self.weight_scale_2, dtype=dtype or self.dtype
+        )
+
+    def checkpoint_weight(self) -> torch.Tensor:
+        """The packed weight in the checkpoint's packing (a converted copy while the buffer holds the kernels')."""
+        return checkpoint_packing(self.weight) if self._kernel_packed() else self.weight
+
+    def _buffer_key(self) -> tuple:
+        return id(self.weight), self.weight.data_ptr(), _version(self.weight)
+
+    def _kernel_packed(self) -> bool:
+        if self._kernel is not None and self._kernel_key != self._buffer_key():
+            # the buffer was written or replaced since the repack: it holds checkpoint bytes again
+            self._kernel = None
+        return self._kernel is not None
+
+    @torch.no_grad()
+    def kernel_weight(self) -> Any:
+        """The GEMM kernels' view of this layer (repacks the buffer in place on first use; CUDA only)."""
+        if self._kernel_packed():
+            return self._kernel
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("NVFP4Linear: run one forward before CUDA-graph capture (the weight is repacked then)")
+        kw = prepare_kernel_weight(self.weight, self.weight_scale, self.weight_scale_2)
+        self.weight.copy_(kw.weight)
+        self._kernel = replace(kw, weight=self.weight)
+        self._kernel_key = self._buffer_key()
+        return self._kernel
+
+    @torch.no_grad()
+    def restore_checkpoint_packing(self) -> None:
+        """Undo the in-place repack (the buffer holds the checkpoint's bytes afterwards)."""
+        if self._kernel_packed():
+            self.weight.copy_(checkpoint_packing(self.weight))
+        self._kernel = self._kernel_key = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> NVFP4Linear:
+        # moves and casts replace the buffers: hand them over in the checkpoint's packing
+        self.restore_checkpoint_packing()
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._kernel_packed():
+            destination[prefix + "weight"] = checkpoint_packing(self.weight)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "weight" in state_dict:
+            self._kernel = self._kernel_key = None
 
     def _cached_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
         enabled = self.cache_dequantized
@@ -135,7 +201,7 @@ class NVFP4Linear(nn.Module):
             self._cache = self._cache_key = None
             return None
         tensors = (self.weight, self.weight_scale, self.weight_scale_2)
-        key = (dtype, self.weight.device, *((id(t), t.data_ptr(), t._version) for t in tensors))
+        key = (dtype, self.weight.device, self._kernel_packed(), *((id(t), t.data_ptr(), _version(t)) for t in tensors))
         if self._cache_key != key:
             self._cache = self.dequantized_weight(dtype)
             self._cache_key = key
@@ -143,9 +209,15 @@ class NVFP4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_scale = self.input_scale if self.mode == "w4a4" else None
+        # an explicit cache_dequantized=True keeps the dense path on the GPU too
+        if self.cache_dequantized is not True and kernel_eligible(x, input_scale) and self.weight.is_cuda:
+            kw = self.kernel_weight()
+            return nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2, self.bias, kernel_weight=kw)
         w = self._cached_weight(x.dtype)
         if w is None:
-            return nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2, self.bias, input_scale)
+            return nvfp4_linear(
+                x, self.checkpoint_weight(), self.weight_scale, self.weight_scale_2, self.bias, input_scale
+            )
         if input_scale is not None:
             x = quant_dequant_activation(x, input_scale)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
@@ -155,3 +227,11 @@ class NVFP4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"mode={self.mode}"
         )
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:
+        # inference tensors keep no version counter: identity and address only
+        return None

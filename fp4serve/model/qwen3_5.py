@@ -25,8 +25,8 @@ from fp4serve.model.embedding import NVFP4Embedding
 from fp4serve.ops.activation import silu_and_mul
 from fp4serve.ops.attention import paged_attention, store_kv
 from fp4serve.ops.conv1d import causal_conv1d, causal_conv1d_update
-from fp4serve.ops.gdn import chunk_gated_delta_rule, recurrent_gated_delta_rule
-from fp4serve.ops.norm import gated_rms_norm, l2_norm, rms_norm
+from fp4serve.ops.gdn import chunk_gated_delta_rule, gated_delta_rule_decode
+from fp4serve.ops.norm import gated_rms_norm, l2_norm, rms_norm, rms_norm_residual
 from fp4serve.ops.rope import apply_mrope, mrope_cos_sin
 
 # (module name as in a Qwen3_5ForCausalLM checkpoint, in_features, out_features) -> a module computing x @ W^T
@@ -50,6 +50,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual) in one fused op."""
+        return rms_norm_residual(x, residual, self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):
@@ -117,28 +121,42 @@ class GatedDeltaNet(nn.Module):
         conv_state, ssm_state = cache.conv[self.layer_idx], cache.ssm[self.layer_idx]
         conv_weight = self.conv1d.weight[:, 0, :]  # [C, W]
 
-        decode = batch.is_decode_only
-        if decode:
+        key_dim = self.num_k_heads * self.k_dim
+        sizes = [key_dim, key_dim, self.num_v_heads * self.v_dim]
+        scale = self.k_dim**-0.5
+        if batch.is_decode_only:
             mixed = causal_conv1d_update(mixed, conv_weight, conv_state, batch.state_indices, batch.has_initial_state)
+            q, k, v = mixed.split(sizes, dim=-1)
+            # L2 norms, gates and the recurrence in one op (one kernel on a GPU)
+            o = gated_delta_rule_decode(
+                q.view(n, self.num_k_heads, self.k_dim),
+                k.view(n, self.num_k_heads, self.k_dim),
+                v.view(n, self.num_v_heads, self.v_dim),
+                a,
+                b,
+                self.A_log,
+                self.dt_bias,
+                ssm_state,
+                batch.state_indices,
+                batch.has_initial_state,
+                scale,
+            )  # [N, HV, V]
         else:
             mixed = causal_conv1d(
-                mixed, conv_weight, conv_state, batch.cu_seqlens, batch.state_indices, batch.has_initial_state
+                mixed,
+                conv_weight,
+                conv_state,
+                batch.cu_seqlens,
+                batch.state_indices,
+                batch.has_initial_state,
+                max_seqlen=batch.max_query_len,
             )
-
-        key_dim = self.num_k_heads * self.k_dim
-        q, k, v = mixed.split([key_dim, key_dim, self.num_v_heads * self.v_dim], dim=-1)
-        q = l2_norm(q.reshape(n, self.num_k_heads, self.k_dim))  # [N, HK, K] float32
-        k = l2_norm(k.reshape(n, self.num_k_heads, self.k_dim))
-        v = v.reshape(n, self.num_v_heads, self.v_dim)
-
-        beta = b.float().sigmoid()  # [N, HV]
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # [N, HV], log-decay <= 0
-        scale = self.k_dim**-0.5
-        if decode:
-            o = recurrent_gated_delta_rule(
-                q, k, v, g, beta, ssm_state, batch.state_indices, batch.has_initial_state, scale
-            )
-        else:
+            q, k, v = mixed.split(sizes, dim=-1)
+            q = l2_norm(q.reshape(n, self.num_k_heads, self.k_dim))  # [N, HK, K] float32
+            k = l2_norm(k.reshape(n, self.num_k_heads, self.k_dim))
+            v = v.reshape(n, self.num_v_heads, self.v_dim)
+            beta = b.float().sigmoid()  # [N, HV]
+            g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # [N, HV], log-decay <= 0
             o = chunk_gated_delta_rule(
                 q, k, v, g, beta, ssm_state, batch.cu_seqlens, batch.state_indices, batch.has_initial_state, scale
             )
@@ -194,7 +212,11 @@ class GatedAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: `x += mixer(norm(x))`, `x += mlp(norm(x))`."""
+    """Pre-norm residual block: `x += mixer(norm(x))`, `x += mlp(norm(x))`.
+
+    `forward_fused` carries the residual stream separately and folds each residual add into the next norm (one
+    fused op instead of an add plus a norm); the sums are rounded to the model dtype exactly as the plain adds are,
+    so both forms give the same numbers. `forward` is the plain form, for running one layer on its own."""
 
     def __init__(
         self,
@@ -218,12 +240,30 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, cache: ModelCache, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
-        h = self.input_layernorm(x)
-        if self.is_full_attention:
-            x = x + self.self_attn(h, batch, cache, cos, sin)
+        out, residual = self.forward_fused(x, None, batch, cache, cos, sin)
+        return residual + out
+
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+        cache: ModelCache,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp output, residual stream before it): the layer's output is their sum. `residual` None: x is the
+        whole stream (the first layer)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
         else:
-            x = x + self.linear_attn(h, batch, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        if self.is_full_attention:
+            mixed = self.self_attn(h, batch, cache, cos, sin)
+        else:
+            mixed = self.linear_attn(h, batch, cache)
+        h, residual = self.post_attention_layernorm.add_and_norm(mixed, residual)
+        return self.mlp(h), residual
 
 
 class Qwen35Model(nn.Module):
@@ -251,9 +291,11 @@ class Qwen35Model(nn.Module):
         c = self.config
         # one cos/sin table per step, shared by every attention layer
         cos, sin = mrope_cos_sin(batch.positions, c.rotary_dim, c.rope_theta, c.mrope_section)
+        residual = None
         for layer in self.layers:
-            x = layer(x, batch, cache, cos, sin)
-        return self.norm(x)
+            x, residual = layer.forward_fused(x, residual, batch, cache, cos, sin)
+        # the last add stays separate so the final norm is an ordinary module call (forward hooks see its output)
+        return self.norm(x if residual is None else x + residual)
 
 
 class Qwen35ForCausalLM(nn.Module):

@@ -5,12 +5,19 @@ Each sequence continues from its conv state: the last `W - 1` pre-conv inputs (o
 call the slot holds the last `W - 1` inputs of the (state + new tokens) stream, so prefill, chunked prefill and
 decode chain exactly. `causal_conv1d` handles any query lengths (prefill); `causal_conv1d_update` is the one-token
 step of decode. Arithmetic is float32 (float64 when given float64); outputs take the input dtype.
+
+On CUDA (with SiLU, the only activation the model uses) the public functions run the Triton kernels of
+`fp4serve.ops.triton.conv1d`: the decode update reads lengths from nothing on the host, so it can be captured in a
+CUDA graph; the varlen prefill needs the longest query length for its grid (`max_seqlen`, from the batch's host-side
+metadata; read back from the device only when the caller does not pass it).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from fp4serve.ops.backend import use_kernels
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -70,7 +77,17 @@ def causal_conv1d(
     state_indices: torch.Tensor,
     has_initial_state: torch.Tensor,
     activation: bool = True,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
+    """Prefill (any query lengths); `max_seqlen` is the longest query length (None: computed, a device sync)."""
+    if activation and use_kernels(x) and _state_layout_ok(conv_state, weight):
+        from fp4serve.ops.triton.conv1d import causal_conv1d_varlen
+
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        return causal_conv1d_varlen(
+            _rows(x), weight, conv_state, cu_seqlens, state_indices, has_initial_state, max_seqlen
+        )
     return causal_conv1d_ref(x, weight, conv_state, cu_seqlens, state_indices, has_initial_state, activation)
 
 
@@ -82,4 +99,19 @@ def causal_conv1d_update(
     has_initial_state: torch.Tensor,
     activation: bool = True,
 ) -> torch.Tensor:
+    """Decode (one token per sequence); no host syncs on CUDA."""
+    if activation and use_kernels(x) and _state_layout_ok(conv_state, weight):
+        from fp4serve.ops.triton.conv1d import causal_conv1d_update as update
+
+        return update(_rows(x), weight, conv_state, state_indices, has_initial_state)
     return causal_conv1d_update_ref(x, weight, conv_state, state_indices, has_initial_state, activation)
+
+
+def _state_layout_ok(conv_state: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The kernels address conv_state as contiguous [S, C, W-1] rows."""
+    width = weight.shape[-1]
+    return conv_state.dim() == 3 and conv_state.shape[2] == width - 1 and conv_state.is_contiguous()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()

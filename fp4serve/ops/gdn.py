@@ -12,11 +12,26 @@ slot in place, so prefill, chunked prefill and decode chain exactly.
 system `(I + A) U = beta * (V - exp(G) K S0)`, `A[t, s] = beta_t D[t, s] k_t.k_s` for s < t (the UT/WY trick), and
 then `O = exp(G) Q S0 + (D * Q K^T) U` and `S_end = exp(G_C) S0 + (D[C, :] * K)^T U`. It is mathematically the
 recurrence; the test checks it against the per-token loop. q, k are expected L2-normalised by the caller.
+
+`gated_delta_rule_decode` takes the raw projections instead (q, k before the L2 norm; a, b before the gates
+`g = -exp(A_log) * softplus(a + dt_bias)`, `beta = sigmoid(b)`), so a decode step needs one kernel per layer rather
+than a dozen small ones.
+
+On CUDA the public functions run Triton: decode through `fp4serve.ops.triton.gdn`'s recurrent kernel (state read and
+written in place at its slot, no host syncs, so it can be captured in a CUDA graph); prefill through fla-core's
+chunked kernel when the `fla` package imports and the activations are 16-bit, else the same recurrent kernel
+(correct for any lengths, but sequential in time). Anything else falls back to the references.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
+
+from fp4serve.ops.backend import is_power_of_two, use_kernels
+from fp4serve.ops.norm import l2_norm_ref
 
 CHUNK_SIZE = 64
 
@@ -175,7 +190,19 @@ def chunk_gated_delta_rule(
     has_initial_state: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Prefill (any query lengths): public entry point, the chunked reference for now."""
+    """Prefill (any query lengths): fla-core's chunked kernel or our recurrent kernel on CUDA, else the reference."""
+    if _kernels_fit(q, v, state):
+        from fp4serve.ops.triton import gdn as kernels
+
+        if v.dtype in (torch.bfloat16, torch.float16) and _fla_importable():
+            # fla's kernels take q, k, v in one 16-bit dtype
+            qh, kh = q.to(v.dtype), k.to(v.dtype)
+            return kernels.gated_delta_rule_chunk_fla(
+                qh, kh, v, g, beta, state, cu_seqlens, state_indices, has_initial_state, scale
+            )
+        return kernels.gated_delta_rule_recurrent(
+            q, k, v, g, beta, state, cu_seqlens, state_indices, has_initial_state, scale
+        )
     return chunk_gated_delta_rule_ref(q, k, v, g, beta, state, cu_seqlens, state_indices, has_initial_state, scale)
 
 
@@ -190,5 +217,84 @@ def recurrent_gated_delta_rule(
     has_initial_state: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Decode (one token per sequence): public entry point, the batched step reference for now."""
+    """Decode (one token per sequence): the recurrent kernel on CUDA, else the batched step reference."""
+    if _kernels_fit(q, v, state):
+        from fp4serve.ops.triton.gdn import gated_delta_rule_recurrent
+
+        cu_seqlens = torch.arange(v.shape[0] + 1, dtype=torch.int32, device=v.device)
+        return gated_delta_rule_recurrent(q, k, v, g, beta, state, cu_seqlens, state_indices, has_initial_state, scale)
     return gated_delta_rule_step_ref(q, k, v, g, beta, state, state_indices, has_initial_state, scale)
+
+
+def gdn_gates_ref(
+    a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, beta) in float32 [N, HV]: g = -exp(A_log) * softplus(a + dt_bias) (log-decay <= 0), beta = sigmoid(b)."""
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    return g, b.float().sigmoid()
+
+
+def gated_delta_rule_decode_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state: torch.Tensor,
+    state_indices: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One token per sequence from the raw projections: q, k [B, HK, K] before the L2 norm, gate inputs a, b [B, HV]."""
+    g, beta = gdn_gates_ref(a, b, A_log, dt_bias)
+    return gated_delta_rule_step_ref(
+        l2_norm_ref(q), l2_norm_ref(k), v, g, beta, state, state_indices, has_initial_state, scale
+    )
+
+
+def gated_delta_rule_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state: torch.Tensor,
+    state_indices: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode step with the L2 norms and gates fused in: one Triton kernel on CUDA (no host syncs), else the
+    composed reference (`l2_norm_ref`, `gdn_gates_ref`, `gated_delta_rule_step_ref`)."""
+    if _kernels_fit(q, v, state):
+        from fp4serve.ops.triton.gdn import gdn_recurrent
+
+        cu_seqlens = torch.arange(v.shape[0] + 1, dtype=torch.int32, device=v.device)
+        return gdn_recurrent(q, k, v, a, b, A_log, dt_bias, state, state_indices, cu_seqlens, has_initial_state, scale)
+    return gated_delta_rule_decode_ref(q, k, v, a, b, A_log, dt_bias, state, state_indices, has_initial_state, scale)
+
+
+def _kernels_fit(q: torch.Tensor, v: torch.Tensor, state: torch.Tensor) -> bool:
+    """The Triton kernels want a CUDA fp32 contiguous state, a power-of-two key dim and whole 32-wide value blocks."""
+    dv = v.shape[-1]
+    return (
+        use_kernels(v)
+        and state.dtype == torch.float32
+        and state.is_contiguous()
+        and is_power_of_two(q.shape[-1])
+        and (dv % 32 == 0 or is_power_of_two(dv))
+        and v.shape[1] % q.shape[1] == 0
+    )
+
+
+@functools.cache
+def _fla_importable() -> bool:
+    try:
+        import fla.ops.gated_delta_rule  # noqa: F401
+    # an optional accelerator: any import failure (missing dependency, unsupported Triton) means "not available"
+    except Exception:
+        return False
+    return True
