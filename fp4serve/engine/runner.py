@@ -1,9 +1,10 @@
 """Turns a `ScheduledBatch` into a `ForwardBatch`, runs the model on it and samples on the device.
 
 The runner owns everything with tensors in it: the cache tensors (allocated through `model.allocate_cache` from a
-`CachePlan`), the per-request random generators, and later the static buffers of CUDA-graph decode (`enforce_eager`
-keeps the plain path; eager is the ground truth). The batch is built on the host as flat Python lists, one entry
-per scheduled request, and copied to the device once. Positions are `[3, N]` MRoPE rows: all equal to the token
+`CachePlan`, plus one null KV block that padded decode rows write to), the per-request random generators, and on a
+GPU the static buffers and CUDA graphs of decode steps (`cuda_graphs.py`; `enforce_eager` runs the same padded
+decode without graphs). The batch is built on the host as flat Python lists, one entry per scheduled request, and
+copied to the device once. Positions are `[3, N]` MRoPE rows: all equal to the token
 index for text, sliced from the request's precomputed rows when it carries images.
 
 Images and videos: the first step that schedules a chunk holding a request's placeholder tokens runs the vision
@@ -15,18 +16,23 @@ request finishes, is aborted or is preempted; a recompute after preemption simpl
 
 from __future__ import annotations
 
+import logging
 import random
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from fp4serve.engine.batch import ForwardBatch, ModelCache
+from fp4serve.engine.cuda_graphs import DecodeGraphs, DecodeRows
 from fp4serve.engine.kv_cache import blocks_needed, token_slots
 from fp4serve.engine.memory import CachePlan
 from fp4serve.engine.request import Request
 from fp4serve.engine.scheduler import ScheduledBatch
 from fp4serve.sampling import Sampler, SamplerOutput, SamplingParams, make_generator
+
+logger = logging.getLogger(__name__)
 
 # patch rows per vision-tower call: one image at Qwen3.5's largest size (16.7M pixels); also what the GPU profile runs
 ENCODER_BATCH_PATCHES = 65536
@@ -104,20 +110,58 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
-        # TODO(issue: CUDA graphs, helper K / lead): capture decode graphs unless enforce_eager
+        # GPU decode steps replay CUDA graphs unless enforce_eager
         self.enforce_eager = enforce_eager
         self.cache: ModelCache | None = None
         self.pad_slot = 0
+        self.null_block = 0
+        self.decode_graphs: DecodeGraphs | None = None
         self.sampler = Sampler(eos_token_ids, vocab_size=vocab_size)
         # unseeded requests get a seed from this, so a whole run is reproducible from EngineConfig.seed
         self._seeds = random.Random(seed)
         self._generators: dict[str, torch.Generator] = {}
 
     def allocate_cache(self, plan: CachePlan) -> None:
+        # one block past the block manager's pool: the null block that padded decode rows write to
         self.cache = self.model.allocate_cache(
-            plan.num_blocks, plan.block_size, plan.num_slots, self.device, self.dtype
+            plan.num_blocks + 1, plan.block_size, plan.num_slots, self.device, self.dtype
         )
         self.pad_slot = plan.num_slots - 1
+        self.null_block = plan.num_blocks
+        if self.device.type == "cuda":
+            self.setup_decode_graphs(plan, capture=not self.enforce_eager)
+
+    def setup_decode_graphs(self, plan: CachePlan, *, capture: bool) -> None:
+        """Run decode steps on padded static buffers, captured as CUDA graphs when `capture` (GPU only). Called
+        by `allocate_cache` on a GPU; tests call it on CPU with capture=False to run the padded path there."""
+        assert self.cache is not None, "allocate_cache first"
+        self.decode_graphs = DecodeGraphs(
+            self.model,
+            self.cache,
+            device=self.device,
+            max_num_seqs=plan.num_slots - 1,
+            max_model_len=plan.max_model_len,
+            block_size=plan.block_size,
+            pad_slot=self.pad_slot,
+            null_block=self.null_block,
+        )
+        if not capture:
+            return
+        start = time.perf_counter()
+        try:
+            self.decode_graphs.capture()
+        except RuntimeError as exc:
+            # an op that is not capturable (a host copy on the decode path) must not take the engine down: the
+            # same padded decode then runs eagerly
+            self.decode_graphs.graphs.clear()
+            torch.cuda.synchronize(self.device)
+            logger.warning("CUDA graph capture failed, decode runs eagerly: %s", exc)
+            return
+        logger.info(
+            "captured decode CUDA graphs for batch sizes %s in %.1f s",
+            list(self.decode_graphs.buckets),
+            time.perf_counter() - start,
+        )
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's random generator and any vision features it still holds."""
@@ -264,15 +308,49 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
         )
 
+    def _decode_rows(self, batch: ScheduledBatch) -> DecodeRows | None:
+        """The step as padded-decode input (one token per request, no media rows), or None for the plain path."""
+        graphs = self.decode_graphs
+        entries = batch.entries
+        if graphs is None or len(entries) > graphs.buckets[-1] or any(e.num_tokens != 1 for e in entries):
+            return None
+        if any(_has_media(e.request) and _placeholders_in(e.request, e.start, e.start + 1) for e in entries):
+            return None
+        positions: list[list[int]] = [[], [], []]
+        for e in entries:
+            for row, pos in zip(positions, _token_positions(e.request, e.start, e.start + 1), strict=True):
+                row.extend(pos)
+        return DecodeRows(
+            input_ids=[e.request.token_ids[e.start] for e in entries],
+            positions=positions,
+            slots=[token_slots(e.request.block_table, self.block_size, e.start, e.start + 1)[0] for e in entries],
+            context_lens=[e.start for e in entries],
+            state_indices=[e.request.state_slot for e in entries],
+            tables=[e.request.block_table[: blocks_needed(e.start + 1, self.block_size)] for e in entries],
+        )
+
+    def _forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states, rows to sample; None = every row) of the step."""
+        self.encode_media(batch)
+        rows = self._decode_rows(batch)
+        if rows is None:
+            forward_batch = self.prepare(batch)
+            return self.model.forward(forward_batch, self.cache), forward_batch.logits_indices
+        assert self.decode_graphs is not None
+        hidden = self.decode_graphs.forward(rows)  # [B, hidden]
+        sample = [i for i, e in enumerate(batch.entries) if e.sample]
+        if len(sample) == len(batch.entries):
+            return hidden, None
+        return hidden, torch.tensor(sample, dtype=torch.int64).to(self.device, non_blocking=True)
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         assert self.cache is not None, "allocate_cache first"
-        forward_batch = self.prepare(batch)
-        hidden = self.model.forward(forward_batch, self.cache)  # [N, hidden]
+        hidden, rows = self._forward(batch)  # [N, hidden]
         requests = [e.request for e in batch.entries if e.sample]
         if not requests:
             return StepOutput({}, {})
-        logits = self.model.compute_logits(hidden[forward_batch.logits_indices])  # [R, V]
+        logits = self.model.compute_logits(hidden if rows is None else hidden[rows])  # [R, V]
         out = self.sampler.sample(
             logits,
             [r.params for r in requests],
