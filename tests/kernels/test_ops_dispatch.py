@@ -202,14 +202,17 @@ def test_gpu_linear_runs_the_kernel_on_its_own_buffer() -> None:
     layer = NVFP4Linear.from_quantized(quantize_weight(torch.randn(1000, 784, generator=g) * 0.05)).cuda()
     original = layer.weight.clone()
     allocated = torch.cuda.memory_allocated()
+    kw = layer.kernel_weight()
+    # the repack reuses the buffer: no second copy of the weight stays allocated
+    assert torch.cuda.memory_allocated() == allocated
+    assert kw.weight.data_ptr() == layer.weight.data_ptr() and not torch.equal(layer.weight, original)
     for m in (1, 5, 70):
         x = torch.randn(m, 784, generator=g).cuda()
         ref = nvfp4_linear_ref(x.double(), original, layer.weight_scale, layer.weight_scale_2)
         out = layer(x.bfloat16())
+        assert out.dtype == torch.bfloat16
         assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
-    # the repack reuses the buffer: no second copy of the weight stays allocated
-    assert layer._kernel is not None and not torch.equal(layer.weight, original)
-    assert torch.cuda.memory_allocated() - allocated < original.numel()
+    assert layer.kernel_weight() is kw
     assert torch.equal(layer.cpu().weight, original.cpu())
 
 
