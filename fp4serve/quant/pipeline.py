@@ -211,12 +211,18 @@ def _quantize_model(
             if not float(stats.amax) > 0:
                 raise ValueError(f"{layer_plan.prefix + group[0]} saw only zero inputs during calibration")
             input_scale = input_scale_from_amax(stats.amax)
-            weights = {m: source[f"{m}.weight"] for m in group}
-            ws2 = global_scale_from_amax(torch.stack([w.abs().amax().float() for w in weights.values()]).amax())
-            for member, w in weights.items():
-                module = layer_plan.prefix + member
-                q = quantize(w.to(device), ws2, algorithm, stats.hessian, name=module)
-                exporter.quantized(module, w, q, input_scale)
+            weights = [source[f"{m}.weight"] for m in group]
+            ws2 = global_scale_from_amax(torch.stack([w.abs().amax().float() for w in weights]).amax())
+            # the members share the input (one Hessian) and the global scale, and every algorithm treats rows
+            # independently, so the group is quantized as one stacked weight: same result, far fewer GPTQ steps
+            names = ", ".join(layer_plan.prefix + m for m in group)
+            stacked = quantize(torch.cat(weights).to(device), ws2, algorithm, stats.hessian, name=names)
+            start = 0
+            for member, w in zip(group, weights, strict=True):
+                rows = slice(start, start + w.shape[0])
+                start = rows.stop
+                q = NVFP4Weight(stacked.weight[rows], stacked.weight_scale[rows], stacked.weight_scale_2)
+                exporter.quantized(layer_plan.prefix + member, w, q, input_scale)
                 quantized_tensors.add(f"{member}.weight")
                 if sequential:
                     deq = dequantize_weight(q.weight, q.weight_scale, q.weight_scale_2, dtype=dtype)
