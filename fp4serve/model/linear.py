@@ -210,7 +210,7 @@ class NVFP4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_scale = self.input_scale if self.mode == "w4a4" else None
         # an explicit cache_dequantized=True keeps the dense path on the GPU too
-        if self.cache_dequantized is not True and kernel_eligible(x, input_scale) and self.weight.is_cuda:
+        if self.cache_dequantized is not True and kernel_eligible(x, input_scale):
             kw = self.kernel_weight()
             return nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2, self.bias, kernel_weight=kw)
         w = self._cached_weight(x.dtype)
