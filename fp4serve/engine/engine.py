@@ -23,7 +23,7 @@ import torch
 
 from fp4serve.config import DEFAULT_CPU_CACHE_BYTES, EngineConfig
 from fp4serve.engine.kv_cache import BlockManager, StateSlots
-from fp4serve.engine.memory import MemorySnapshot, gpu_cache_budget, plan_cache
+from fp4serve.engine.memory import MemorySnapshot, format_bytes, gpu_cache_budget, plan_cache
 from fp4serve.engine.request import Request, RequestStatus
 from fp4serve.engine.runner import ModelRunner
 from fp4serve.engine.scheduler import Scheduler
@@ -169,12 +169,18 @@ class Engine:
             torch.cuda.synchronize(self.device)
             free, total = torch.cuda.mem_get_info(self.device)
             baseline = MemorySnapshot(free + torch.cuda.memory_reserved(self.device), total, 0)
-        return gpu_cache_budget(
+        budget = gpu_cache_budget(
             self.device,
             self.config.gpu_memory_utilization,
             baseline,
             lambda: self.runner.profile_run(self.config.max_num_batched_tokens, self.config.max_num_seqs),
         )
+        if self.config.enforce_eager:
+            return budget
+        # decode CUDA graphs keep their activations in a private pool for good: reserve it inside the same share
+        graph_pool = self.runner.decode_activation_bytes(self.config.max_num_seqs)
+        logger.info("memory: %s reserved for the decode CUDA graphs' pool", format_bytes(graph_pool))
+        return budget - graph_pool
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *, mm_inputs: Any = None

@@ -409,6 +409,36 @@ class ModelRunner:
             self.profile_encoder()
 
     @torch.inference_mode()
+    def decode_activation_bytes(self, num_seqs: int) -> int:
+        """Activation peak of one decode-shaped forward of `num_seqs` sequences, its cache excluded.
+
+        The CUDA graphs of decode steps keep this much in their private memory pool for as long as they live (the
+        largest bucket's; smaller buckets reuse the pool), so the memory planner reserves it next to the cache.
+        """
+        n, bs = max(1, num_seqs), self.block_size
+        cache = self.model.allocate_cache(n, bs, n, self.device, self.dtype)
+        batch = self._to_device(
+            [0] * n,
+            [[0] * n] * 3,
+            [i * bs for i in range(n)],
+            list(range(n + 1)),
+            [0] * n,
+            [1] * n,
+            list(range(n)),
+            [[i] for i in range(n)],
+            list(range(n)),
+        )
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        hidden = self.model.forward(batch, cache)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del cache, hidden, batch
+        torch.cuda.empty_cache()
+        return max(0, int(peak))
+
+    @torch.inference_mode()
     def profile_encoder(self) -> None:
         """One vision-tower call at the group budget: a square image of `encoder_batch_patches` patches."""
         cfg = self.visual.config

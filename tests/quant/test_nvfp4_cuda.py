@@ -39,4 +39,11 @@ def test_linear_on_cuda_is_memory_lean_and_correct(mode: str) -> None:
     out = layer(x)
     assert layer._cache is None
     x_used = x if mode == "w4a16" else quant_dequant_activation(x, layer.input_scale)
-    assert torch.equal(out, torch.nn.functional.linear(x_used, layer.dequantized_weight(torch.bfloat16)))
+    ref = torch.nn.functional.linear(x_used, layer.dequantized_weight(torch.bfloat16))
+    if mode == "w4a4":
+        # the emulation path is the reference itself
+        assert torch.equal(out, ref)
+    else:
+        # w4a16 runs the Triton NVFP4 GEMM: same weights, fp32 accumulation in another order, one bf16 rounding
+        err = (out.float() - ref.float()).norm() / ref.float().norm()
+        assert err < 1e-2, err
