@@ -27,6 +27,8 @@ def staged(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # some writers (safetensors) create private 0600 files; a checkpoint is meant to be shared like any output
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
