@@ -60,10 +60,18 @@ def cast_to_e2m1(x: torch.Tensor) -> torch.Tensor:
     return codes
 
 
+def e2m1_table(device: torch.device | str) -> torch.Tensor:
+    """The 16 E2M1 values (float32, `E2M1_VALUES`), built on `device` from arange with no host-to-device copy, so
+    decoding is allowed inside CUDA-graph capture. Code 8 (-0) decodes to +0, as ModelOpt's table does."""
+    codes = torch.arange(16, device=device)
+    exponent, mantissa = (codes & 7) >> 1, (codes & 1).float()
+    magnitude = torch.where(exponent == 0, 0.5 * mantissa, (1.0 + 0.5 * mantissa) * torch.exp2(exponent.float() - 1))
+    return torch.where(codes >= 8, -magnitude, magnitude) + 0.0
+
+
 def e2m1_to_float(codes: torch.Tensor) -> torch.Tensor:
     """Decode E2M1 codes (uint8, 0..15) to float32 values."""
-    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
-    return lut[codes.long()]
+    return e2m1_table(codes.device)[codes.long()]
 
 
 def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
@@ -184,7 +192,7 @@ def dequantize_weight(
     """
     _check_packed(weight, weight_scale, weight_scale_2)
     # one lookup per byte gives both nibbles' values at once
-    byte_values = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=weight.device)
+    byte_values = e2m1_table(weight.device)
     lut = torch.stack((byte_values.repeat(16), byte_values.repeat_interleave(16)), dim=-1)  # [256, 2]
     values = lut[weight.long()]  # [..., K/2, 2]
     k = weight.shape[-1] * 2
