@@ -120,10 +120,12 @@ class Engine:
             plan.num_slots,
             plan.max_model_len,
         )
+        # the plan may have lowered max_num_seqs (auto-fit); the spare slot is the runner's padding slot
+        max_num_seqs = plan.num_slots - 1
         self.scheduler = Scheduler(
             BlockManager(plan.num_blocks, plan.block_size),
-            StateSlots(config.max_num_seqs),
-            max_num_seqs=config.max_num_seqs,
+            StateSlots(max_num_seqs),
+            max_num_seqs=max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=plan.max_model_len,
             eos_token_ids=self.eos_token_ids,

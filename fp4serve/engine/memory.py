@@ -64,6 +64,23 @@ def plan_cache(
     block_bytes = kv_bytes_per_token * block_size
     num_blocks = max(0, (budget_bytes - state_bytes) // block_bytes)
     fit_len = num_blocks * block_size
+    if max_model_len == AUTO_MAX_MODEL_LEN and fit_len < max_position_embeddings and state_bytes_per_slot:
+        # like vLLM, where DeltaNet state and KV share one pool and concurrency is whatever fits: keep the model's full
+        # context when fewer concurrent sequences make room for it, rather than cutting the context to the bone
+        full_kv = blocks_needed(max_position_embeddings, block_size) * block_bytes
+        seqs = min(max_num_seqs, (budget_bytes - full_kv) // state_bytes_per_slot - 1)
+        if seqs >= 1:
+            logger.warning(
+                "Auto-fit: max_num_seqs reduced from %d to %d so that the full %d-token context fits",
+                max_num_seqs,
+                seqs,
+                max_position_embeddings,
+            )
+            max_num_seqs = int(seqs)
+            num_slots = max_num_seqs + 1
+            state_bytes = state_bytes_per_slot * num_slots
+            num_blocks = max(0, (budget_bytes - state_bytes) // block_bytes)
+            fit_len = num_blocks * block_size
     if num_blocks == 0:
         raise ValueError(
             f"cache budget of {format_bytes(budget_bytes)} is too small: the DeltaNet state of "
@@ -122,7 +139,7 @@ class MemorySnapshot:
 
 
 def gpu_cache_budget(
-    device: torch.device, utilization: float, baseline: MemorySnapshot, profile: Callable[[], None]
+    device: torch.device, utilization: float, baseline: MemorySnapshot, profile: Callable[[], int | None]
 ) -> int:
     """Bytes left for the cache: utilization * total - (weights + activation peak) - non-torch startup memory."""
     requested = utilization * baseline.total_bytes
@@ -135,9 +152,10 @@ def gpu_cache_budget(
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    profile()
+    # the profile's own scratch cache is not activation memory: the real cache is planned from the budget
+    scratch = profile() or 0
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
+    peak = torch.cuda.max_memory_allocated(device) - scratch
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
     reserved = torch.cuda.memory_reserved(device)

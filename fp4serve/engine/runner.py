@@ -370,14 +370,18 @@ class ModelRunner:
         return gen
 
     @torch.inference_mode()
-    def profile_run(self, num_tokens: int, num_seqs: int) -> None:
-        """One forward of `num_tokens` new tokens over `num_seqs` fresh sequences plus their logits: the peak."""
+    def profile_run(self, num_tokens: int, num_seqs: int) -> int:
+        """One forward of `num_tokens` new tokens over `num_seqs` fresh sequences plus their logits: the peak.
+
+        Returns the bytes of the scratch cache it allocated, which the caller leaves out of the activation peak. All
+        sequences share one DeltaNet state slot (their final states overwrite each other; nobody reads them), so the
+        profile does not hold max_num_seqs states (151 MB each for 27B) that the real cache allocates again.
+        """
         num_seqs = max(1, min(num_seqs, num_tokens))
         lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
         bs = self.block_size
-        cache = self.model.allocate_cache(
-            sum(blocks_needed(n, bs) for n in lens), bs, num_seqs, self.device, self.dtype
-        )
+        cache = self.model.allocate_cache(sum(blocks_needed(n, bs) for n in lens), bs, 1, self.device, self.dtype)
+        cache_bytes = _cache_bytes(cache)
         tables, slots, next_block = [], [], 0
         for n in lens:
             table = list(range(next_block, next_block + blocks_needed(n, bs)))
@@ -395,7 +399,7 @@ class ModelRunner:
             cu,
             [0] * num_seqs,
             lens,
-            list(range(num_seqs)),
+            [0] * num_seqs,
             tables,
             [c - 1 for c in cu[1:]],
         )
@@ -407,6 +411,7 @@ class ModelRunner:
         del cache, hidden, logits
         if self.visual is not None:
             self.profile_encoder()
+        return cache_bytes
 
     @torch.inference_mode()
     def decode_activation_bytes(self, num_seqs: int) -> int:
@@ -416,7 +421,7 @@ class ModelRunner:
         largest bucket's; smaller buckets reuse the pool), so the memory planner reserves it next to the cache.
         """
         n, bs = max(1, num_seqs), self.block_size
-        cache = self.model.allocate_cache(n, bs, n, self.device, self.dtype)
+        cache = self.model.allocate_cache(n, bs, 1, self.device, self.dtype)
         batch = self._to_device(
             [0] * n,
             [[0] * n] * 3,
@@ -424,7 +429,7 @@ class ModelRunner:
             list(range(n + 1)),
             [0] * n,
             [1] * n,
-            list(range(n)),
+            [0] * n,
             [[i] for i in range(n)],
             list(range(n)),
         )
@@ -448,3 +453,8 @@ class ModelRunner:
         pixels = torch.zeros(side * side, cfg.patch_dim, device=param.device, dtype=param.dtype)
         feats = self.visual(pixels, [(1, side, side)])
         del pixels, feats
+
+
+def _cache_bytes(cache: ModelCache) -> int:
+    tensors = [x for group in (cache.kv, cache.conv, cache.ssm) for x in group if x is not None]
+    return sum(x.numel() * x.element_size() for x in tensors)

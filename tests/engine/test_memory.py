@@ -8,7 +8,7 @@ import pytest
 import torch
 from engine_fakes import FakeConfig, FakeModel
 
-from fp4serve.config import EngineConfig, parse_max_model_len, parse_memory_size
+from fp4serve.config import AUTO_MAX_MODEL_LEN, EngineConfig, parse_max_model_len, parse_memory_size
 from fp4serve.engine.engine import Engine
 from fp4serve.engine.memory import plan_cache
 
@@ -116,4 +116,40 @@ def test_engine_auto_fits_max_model_len_to_a_cpu_budget():
         Engine(
             model,
             EngineConfig.create(device="cpu", max_num_seqs=4, kv_cache_memory_bytes=state + 10, max_model_len="auto"),
+        )
+
+
+def test_auto_fit_lowers_max_num_seqs_to_keep_the_full_context(caplog):
+    # 27B-like numbers: 64 KiB of KV per token, 151 MB of DeltaNet state per sequence, 262144-token context
+    state, kv, full = 48 * 48 * 128 * 128 * 4 + 48 * 10240 * 3 * 2, 65536, 262144
+    budget = 39 * 10**9
+    with caplog.at_level("WARNING"):
+        plan = plan_cache(
+            budget_bytes=budget,
+            kv_bytes_per_token=kv,
+            state_bytes_per_slot=state,
+            block_size=16,
+            max_num_seqs=256,
+            max_model_len=AUTO_MAX_MODEL_LEN,
+            max_position_embeddings=full,
+        )
+    assert plan.max_model_len == full
+    seqs = plan.num_slots - 1
+    assert 1 <= seqs < 256
+    assert plan.state_bytes + plan.kv_bytes <= budget
+    assert plan.num_blocks * 16 >= full  # one whole-context sequence fits next to the state of every slot
+    assert (seqs + 2) * state + full * kv > budget  # and one more sequence would not
+    assert "max_num_seqs reduced from 256" in caplog.text
+
+
+def test_explicit_max_num_seqs_error_is_unchanged_without_auto_fit():
+    with pytest.raises(ValueError, match="largest max_model_len that fits"):
+        plan_cache(
+            budget_bytes=10**9,
+            kv_bytes_per_token=65536,
+            state_bytes_per_slot=151 * 10**6,
+            block_size=16,
+            max_num_seqs=4,
+            max_model_len=None,
+            max_position_embeddings=262144,
         )
