@@ -13,17 +13,10 @@ Value head j reads query/key head j // (HV / H) (repeat_interleave, not tiling),
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-
-def gdn_gates_ref(
-    a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g, beta) in fp32: g = -exp(A_log) * softplus(a + dt_bias) (log of the decay), beta = sigmoid(b)."""
-    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
-    return g, b.float().sigmoid()
+from fp4serve.ops.gdn import gdn_gates_ref
 
 
 def gdn_recurrent_ref(
