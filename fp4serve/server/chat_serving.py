@@ -24,7 +24,7 @@ from fp4serve.server.chat import RenderedChat, render_chat
 from fp4serve.server.errors import APIError, bad_request, error_body
 from fp4serve.server.generation import TextDelta, Ticket
 from fp4serve.server.media import collect_media, multimodal_input
-from fp4serve.server.params import check_n, check_unsupported, sampling_params, token_budget
+from fp4serve.server.params import check_n, check_unsupported, sampling_params, token_budget, usage_flags
 from fp4serve.server.protocol import ChatCompletionRequest, NamedToolChoice
 from fp4serve.server.responses import (
     SSE_DONE,
@@ -159,13 +159,7 @@ def plan_chat(state: Any, req: ChatCompletionRequest) -> ChatRun:
         include_reasoning=req.include_reasoning,
         parallel_tool_calls=req.parallel_tool_calls is not False,
     )
-    options = req.stream_options
-    include_usage = bool(req.stream) and (
-        settings.enable_force_include_usage or bool(options and options.include_usage)
-    )
-    continuous = bool(req.stream) and (
-        settings.enable_force_include_usage or bool(options and options.continuous_usage_stats)
-    )
+    include_usage, continuous = usage_flags(req.stream, req.stream_options, settings.enable_force_include_usage)
     return ChatRun(
         request_id=f"chatcmpl-{state.request_id(req.request_id)}",
         created=now(),

@@ -14,7 +14,7 @@ from typing import Any
 
 from fp4serve.server.errors import APIError, bad_request, error_body
 from fp4serve.server.generation import TextDelta, Ticket
-from fp4serve.server.params import check_n, check_unsupported, sampling_params, token_budget
+from fp4serve.server.params import check_n, check_unsupported, sampling_params, token_budget, usage_flags
 from fp4serve.server.protocol import CompletionRequest
 from fp4serve.server.responses import (
     SSE_DONE,
@@ -102,13 +102,7 @@ def plan_completion(state: Any, req: CompletionRequest) -> CompletionRun:
             )
             for i in range(n)
         ]
-    options = req.stream_options
-    include_usage = bool(req.stream) and (
-        settings.enable_force_include_usage or bool(options and options.include_usage)
-    )
-    continuous = bool(req.stream) and (
-        settings.enable_force_include_usage or bool(options and options.continuous_usage_stats)
-    )
+    include_usage, continuous = usage_flags(req.stream, req.stream_options, settings.enable_force_include_usage)
     return CompletionRun(
         request_id=f"cmpl-{state.request_id(req.request_id)}",
         created=now(),

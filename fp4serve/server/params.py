@@ -115,3 +115,11 @@ def check_n(n: int | None) -> int:
     if n < 1:
         raise bad_request(f"n must be at least 1, got {n}.", param="n")
     return n
+
+
+def usage_flags(stream: bool | None, options: Any, force_include_usage: bool) -> tuple[bool, bool]:
+    """(usage in the final chunk, usage in every chunk) of a request, from `stream_options` and the server flag."""
+    streaming = bool(stream)
+    include = streaming and (force_include_usage or bool(options and options.include_usage))
+    continuous = streaming and (force_include_usage or bool(options and options.continuous_usage_stats))
+    return include, continuous
