@@ -7,6 +7,7 @@ key guards the `/v1` routes only, as in vLLM (`/health`, `/metrics`, `/version`,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from fp4serve.server.chat import render_chat
 from fp4serve.server.chat_serving import full_chat, plan_chat_async, stream_chat
 from fp4serve.server.completion_serving import full_completion, plan_completion, stream_completion
 from fp4serve.server.errors import APIError, bad_request, error_body, from_validation_error, install_handlers
+from fp4serve.server.media import collect_media, multimodal_input
 from fp4serve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -192,6 +194,11 @@ def build_app(state: ServerState) -> FastAPI:
                 template_kwargs=dict(chat_req.chat_template_kwargs or {}),
             )
             ids = state.tokenizer.encode(rendered.prompt, add_special_tokens=chat_req.add_special_tokens)
+            images, videos = collect_media(chat_req.messages)
+            if images or videos:
+                # as vLLM does: the count is the prompt the engine would see, each placeholder expanded
+                mm = await asyncio.to_thread(multimodal_input, state, ids, images, videos)
+                ids = list(mm.token_ids)
             want_strs = bool(chat_req.return_token_strs)
         else:
             text_req = validate(TokenizeCompletionRequest, data)

@@ -146,6 +146,16 @@ def test_base64_image_chat_streaming_and_not(server):
     assert again.choices[0].logprobs.content[0].logprob != pytest.approx(full.choices[0].logprobs.content[0].logprob)
 
 
+def test_tokenize_counts_expanded_image_pads_like_the_chat_route(server):
+    image = random_image(300, 200, seed=5)
+    messages = user({"type": "text", "text": "What is in this picture?"}, image_part(data_url(image)))
+    body = {"model": MODEL, "messages": messages}
+    tokens = requests.post(f"{server.url}/tokenize", json=body, timeout=60).json()
+    chat = post_chat(server, messages).json()
+    assert tokens["count"] == len(tokens["tokens"]) == chat["usage"]["prompt_tokens"]
+    assert tokens["tokens"].count(server.state.tokenizer.token_to_id("<|image_pad|>")) == 54
+
+
 def test_local_files_only_under_the_allowed_path(server, media_dir):
     picture = media_dir / "allowed" / "picture.png"
     expected = text_prompt_tokens(server.state, [{"type": "image"}]) + 54 - 1
